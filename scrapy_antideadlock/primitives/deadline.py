@@ -1,0 +1,132 @@
+"""Latency tracking with bounded memory and the timeout policy T = p99 x k + buffer.
+
+A log-bucket histogram keeps memory constant per key (~200 ints) whatever the
+crawl length. Two generations are kept and rotated every ``window`` samples, so the
+estimate follows the site as it speeds up or slows down while still covering at
+least ``window`` recent samples.
+
+Feedback loop: only *successful* latencies are recorded (the caller's duty), and a
+success can never take longer than the deadline it ran under, so a run of timeouts
+cannot push p99 up; the deadline can grow at most by the multiplier per generation
+and is clamped by ``maximum``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+_MIN_LATENCY = 0.001  # 1 ms: bucket 0 holds everything at or below it
+_GROWTH = 1.05  # bucket width: 5 %, so the p99 estimate is within 5 % of the truth
+_BUCKETS = int(math.log(3600 / _MIN_LATENCY) / math.log(_GROWTH)) + 2  # up to 1 h
+
+
+def _bucket(seconds: float) -> int:
+    if seconds <= _MIN_LATENCY:
+        return 0
+    index = int(math.log(seconds / _MIN_LATENCY) / math.log(_GROWTH)) + 1
+    return min(index, _BUCKETS - 1)
+
+
+def _upper_bound(index: int) -> float:
+    return _MIN_LATENCY * _GROWTH**index
+
+
+class LatencyHistogram:
+    """Counts of latencies in 5 % wide log buckets from 1 ms to 1 h."""
+
+    __slots__ = ("counts", "total", "maximum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _BUCKETS
+        self.total = 0
+        self.maximum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[_bucket(max(0.0, seconds))] += 1
+        self.total += 1
+        if seconds > self.maximum:
+            self.maximum = seconds
+
+    def quantile(self, q: float, other: LatencyHistogram | None = None) -> float | None:
+        """Upper bound of the bucket holding quantile ``q`` (of self plus ``other``)."""
+        total = self.total + (other.total if other else 0)
+        if total == 0:
+            return None
+        rank = q * total
+        seen = 0
+        for index in range(_BUCKETS):
+            seen += self.counts[index] + (other.counts[index] if other else 0)
+            if seen >= rank and seen > 0:
+                maximum = max(self.maximum, other.maximum if other else 0.0)
+                return min(_upper_bound(index), maximum) if index else _MIN_LATENCY
+        return max(self.maximum, other.maximum if other else 0.0)
+
+
+class LatencyTracker:
+    """Per-key latency quantiles from the current and the previous generation."""
+
+    def __init__(self, window: int = 2000) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.window = window
+        self._current: dict[Hashable, LatencyHistogram] = {}
+        self._previous: dict[Hashable, LatencyHistogram] = {}
+        self._lock = threading.Lock()  # the watchdog thread reads quantiles
+
+    def record(self, key: Hashable, seconds: float) -> None:
+        with self._lock:
+            hist = self._current.get(key)
+            if hist is None:
+                hist = self._current[key] = LatencyHistogram()
+            hist.add(seconds)
+            if hist.total >= self.window:
+                self._previous[key] = hist
+                self._current[key] = LatencyHistogram()
+
+    def samples(self, key: Hashable) -> int:
+        with self._lock:
+            cur, prev = self._current.get(key), self._previous.get(key)
+            return (cur.total if cur else 0) + (prev.total if prev else 0)
+
+    def quantile(self, key: Hashable, q: float = 0.99) -> float | None:
+        with self._lock:
+            cur, prev = self._current.get(key), self._previous.get(key)
+            if cur is None and prev is None:
+                return None
+            if cur is None:
+                return prev.quantile(q) if prev else None
+            return cur.quantile(q, prev)
+
+    def keys(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._current.keys() | self._previous.keys())
+
+
+@dataclass(frozen=True)
+class TimeoutPolicy:
+    """T = clamp(p99 x multiplier + buffer, minimum, maximum); ``initial`` until warmed up."""
+
+    multiplier: float = 3.0
+    buffer: float = 1.0
+    minimum: float = 2.0
+    maximum: float = 60.0
+    initial: float = 30.0
+    min_samples: int = 20
+
+    def __post_init__(self) -> None:
+        if self.minimum > self.maximum:
+            raise ValueError(f"minimum ({self.minimum}) > maximum ({self.maximum})")
+
+    def timeout(self, tracker: LatencyTracker, key: Hashable) -> float:
+        if tracker.samples(key) < self.min_samples:
+            return self.clamp(self.initial)
+        p99 = tracker.quantile(key, 0.99)
+        if p99 is None:
+            return self.clamp(self.initial)
+        return self.clamp(p99 * self.multiplier + self.buffer)
+
+    def clamp(self, seconds: float) -> float:
+        return min(max(seconds, self.minimum), self.maximum)

@@ -1,0 +1,8 @@
+"""Signals the pack sends through ``crawler.signals`` (use plain-function handlers)."""
+
+#: The watchdog found a stall. Args: ``diagnosis`` (dict, see watchdog.Diagnosis.to_dict()).
+stall_detected = object()
+#: Progress resumed after a stall. Args: ``stall_class`` (str), ``duration`` (float seconds).
+stall_cleared = object()
+#: A download was cancelled by the guarded handler. Args: ``request``, ``reason`` (str).
+download_cancelled = object()
