@@ -1,0 +1,341 @@
+"""FaultProxy: a real HTTP forward proxy on 127.0.0.1 that can turn slow, black-hole or fail.
+
+Like :class:`~scrapy_antideadlock.testing.site.FaultSite` it runs in its own thread with
+its own asyncio loop. It forwards absolute-URI requests (``GET http://host/path``) and
+tunnels ``CONNECT``. Each response is sent with ``Connection: close`` and the client
+connection is closed after it, which Scrapy's connection pool handles cleanly. The
+``mode`` can be switched at run time; it applies to requests that arrive afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import socket
+import struct
+import threading
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["MODES", "FaultProxy"]
+
+MODES = ("healthy", "slow", "blackhole", "error", "reset")
+_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
+        "proxy-authenticate", "te", "trailer", "upgrade"}
+
+
+class FaultProxy:
+    """An HTTP proxy whose behaviour (``mode``) a test controls."""
+
+    def __init__(self, mode: str = "healthy", slow_delay: float = 2.0,
+                 auth: tuple[str, str] | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self._check_mode(mode)
+        self._mode = mode
+        self.slow_delay = slow_delay
+        self.auth = auth
+        self.host = host
+        self._want_port = port
+        self.port = 0
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._active = 0
+        self._by_mode: Counter[str] = Counter()
+        self._statuses: Counter[int] = Counter()
+        self._targets: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ config and counters
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"FaultProxy mode must be one of {MODES}, got {mode!r}")
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._check_mode(value)
+        self._mode = value
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url_with_auth(self, user: str | None = None, password: str | None = None) -> str:
+        """``http://user:pass@host:port`` (defaults to this proxy's own credentials)."""
+        if user is None and self.auth is not None:
+            user, password = self.auth
+        return f"http://{user}:{password}@{self.host}:{self.port}"
+
+    @property
+    def requests(self) -> int:
+        """Requests received (including refused and black-holed ones)."""
+        with self._lock:
+            return self._requests
+
+    @property
+    def active(self) -> int:
+        """Requests currently being handled (held, delayed or forwarding)."""
+        with self._lock:
+            return self._active
+
+    @property
+    def by_mode(self) -> Counter[str]:
+        """Requests per mode they were handled in (a copy)."""
+        with self._lock:
+            return Counter(self._by_mode)
+
+    @property
+    def statuses(self) -> Counter[int]:
+        """Status codes the proxy itself answered with (407, 502), a copy."""
+        with self._lock:
+            return Counter(self._statuses)
+
+    @property
+    def targets(self) -> list[str]:
+        """Target URLs (or host:port for CONNECT) in arrival order (a copy)."""
+        with self._lock:
+            return list(self._targets)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> FaultProxy:
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._run, name=f"FaultProxy-{id(self):x}",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("FaultProxy did not start within 10 s")
+        if self._start_error is not None:
+            raise RuntimeError(f"FaultProxy failed to start: {self._start_error!r}")
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Close the listener and abort every connection (held ones too), join the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._shutdown()))
+        thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self._server = loop.run_until_complete(asyncio.start_server(
+                self._handle, self.host, self._want_port, reuse_address=True))
+            self.port = self._server.sockets[0].getsockname()[1]
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._start_error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        asyncio.get_running_loop().stop()
+
+    # ------------------------------------------------------------------ protocol
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            head = await _read_head(reader)
+            if head is None:
+                return
+            method, target, version, headers, raw_headers = head
+            mode = self._mode
+            with self._lock:
+                self._requests += 1
+                self._active += 1
+                self._by_mode[mode] += 1
+                self._targets.append(target)
+            try:
+                upstream = await self._serve(reader, writer, mode, method, target, version,
+                                             headers, raw_headers)
+            finally:
+                with self._lock:
+                    self._active -= 1
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError, OSError):
+            pass
+        except asyncio.CancelledError:
+            writer.transport.abort()
+        finally:
+            if upstream is not None:
+                upstream.transport.abort()
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            if not writer.transport.is_closing():
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode: str,
+                     method: str, target: str, version: str, headers: dict[str, str],
+                     raw_headers: list[tuple[str, str]]) -> asyncio.StreamWriter | None:
+        if mode == "blackhole":
+            while await reader.read(65536):  # hold until the client gives up
+                pass
+            return None
+        if mode == "reset":
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return None
+        if self.auth is not None and not self._authorized(headers):
+            await self._reply(writer, 407, "Proxy Authentication Required",
+                              extra="Proxy-Authenticate: Basic realm=\"FaultProxy\"\r\n")
+            return None
+        if mode == "error":
+            await self._reply(writer, 502, "Bad Gateway")
+            return None
+        if mode == "slow":
+            await asyncio.sleep(self.slow_delay)
+        if method == "CONNECT":
+            return await self._tunnel(reader, writer, target)
+        return await self._forward(reader, writer, method, target, headers, raw_headers)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        assert self.auth is not None
+        expected = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+        scheme, _, token = headers.get("proxy-authorization", "").partition(" ")
+        return scheme.lower() == "basic" and token.strip() == expected
+
+    async def _reply(self, writer: asyncio.StreamWriter, status: int, reason: str,
+                     extra: str = "") -> None:
+        with self._lock:
+            self._statuses[status] += 1
+        body = f"FaultProxy: {status} {reason}\n".encode()
+        writer.write(f"HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+
+    async def _open(self, host: str, port: int, writer: asyncio.StreamWriter
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except (OSError, asyncio.TimeoutError):
+            await self._reply(writer, 502, "Bad Gateway")
+            return None
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       method: str, target: str, headers: dict[str, str],
+                       raw_headers: list[tuple[str, str]]) -> asyncio.StreamWriter | None:
+        parts = urlsplit(target)
+        if parts.scheme != "http" or not parts.hostname:
+            await self._reply(writer, 400, "Bad Request")
+            return None
+        opened = await self._open(parts.hostname, parts.port or 80, writer)
+        if opened is None:
+            return None
+        up_reader, up_writer = opened
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        lines = [f"{method} {path} HTTP/1.1"]
+        lines += [f"{k}: {v}" for k, v in raw_headers if k.lower() not in _HOP]
+        lines.append("Connection: close")
+        up_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        length = int(headers.get("content-length", "0") or 0)
+        if length:
+            up_writer.write(await reader.readexactly(length))
+        await up_writer.drain()
+        # Response head: rewrite hop-by-hop headers so the client does not reuse the connection.
+        status_line = await up_reader.readline()
+        if not status_line:
+            await self._reply(writer, 502, "Bad Gateway")
+            return up_writer
+        out = [status_line.decode("latin-1").rstrip("\r\n")]
+        while True:
+            line = await up_reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name = line.decode("latin-1").split(":", 1)[0].strip().lower()
+            if name not in ("connection", "keep-alive", "proxy-connection"):
+                out.append(line.decode("latin-1").rstrip("\r\n"))
+        out.append("Connection: close")
+        writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
+        while chunk := await up_reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        await writer.drain()
+        return up_writer
+
+    async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      target: str) -> asyncio.StreamWriter | None:
+        host, _, port = target.rpartition(":")
+        opened = await self._open(host.strip("[]"), int(port or 443), writer)
+        if opened is None:
+            return None
+        up_reader, up_writer = opened
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(OSError, RuntimeError):
+                if dst.can_write_eof():
+                    dst.write_eof()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        return up_writer
+
+
+async def _read_head(reader: asyncio.StreamReader
+                     ) -> tuple[str, str, str, dict[str, str], list[tuple[str, str]]] | None:
+    line = await reader.readline()
+    if not line:
+        return None
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3:
+        raise ValueError("bad request line")
+    headers: dict[str, str] = {}
+    raw: list[tuple[str, str]] = []
+    while True:
+        hline = await reader.readline()
+        if not hline:
+            raise ConnectionError("eof in headers")
+        if hline in (b"\r\n", b"\n"):
+            break
+        name, _, value = hline.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+        raw.append((name.strip(), value.strip()))
+    return parts[0].upper(), parts[1], parts[2].upper(), headers, raw
