@@ -1,0 +1,562 @@
+"""Watchdog on real crawls: each stall class really happens and is named; no false positives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from typing import Any
+
+import pytest_twisted
+from scrapy import signals
+
+from scrapy_antideadlock import signals as ad_signals
+from scrapy_antideadlock.testing import FaultSite, Latency, SiteSpider, run_crawl
+from scrapy_antideadlock.watchdog import watchdog_for
+
+WATCHDOG = {"scrapy_antideadlock.watchdog.Watchdog": 100}
+
+
+def wd_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
+    settings = {
+        "EXTENSIONS": WATCHDOG,
+        "ANTIDEADLOCK_WATCHDOG_WINDOW": 2.0,
+        "ANTIDEADLOCK_WATCHDOG_INTERVAL": 0.1,
+        "ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD": 2.0,
+        "ANTIDEADLOCK_WATCHDOG_HEALTH_INTERVAL": 1.0,
+        "ANTIDEADLOCK_WATCHDOG_DIAGNOSIS_FILE": str(tmp_path / "diagnosis.json"),
+        "LOG_LEVEL": "INFO",
+    }
+    settings.update(extra)
+    return settings
+
+
+def monitor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor"]
+
+
+def read_diagnoses(tmp_path: Any) -> list[dict[str, Any]]:
+    return json.loads((tmp_path / "diagnosis.json").read_text())
+
+
+class SleepySpider(SiteSpider):
+    """The first detail page's callback blocks the loop with time.sleep(8)."""
+
+    slept_at: float | None = None
+
+    def parse_item(self, response: Any, **kwargs: Any) -> Any:
+        if SleepySpider.slept_at is None:
+            SleepySpider.slept_at = time.monotonic()
+            self.sleep_in_callback()
+        yield from super().parse_item(response, **kwargs)
+
+    def sleep_in_callback(self) -> None:
+        time.sleep(8)
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocked_loop_detected_with_stack(make_fault_site: Any, tmp_path: Any) -> None:
+    site: FaultSite = make_fault_site(pages=1, items_per_page=3)
+    SleepySpider.slept_at = None
+    result = await run_crawl(SleepySpider, wd_settings(tmp_path), timeout=40,
+                             start_url=site.start_url)
+    assert result.finished and len(result.items) == 3
+    diags = read_diagnoses(tmp_path)
+    blocked = [d for d in diags if d["class"] == "blocked_loop"]
+    assert len(blocked) == 1, [d["class"] for d in diags]
+    diag = blocked[0]
+    assert SleepySpider.slept_at is not None
+    assert diag["monotonic"] - SleepySpider.slept_at <= 2.0 + 1.0
+    assert "sleep_in_callback" in diag["stack"] and "time.sleep(8)" in diag["stack"]
+    assert diag["where"].startswith("sleep_in_callback")
+    assert result.stats["antideadlock/watchdog/stalls/blocked_loop"] == 1
+    assert result.stats["antideadlock/watchdog/cleared"] >= 1
+    assert result.stats["antideadlock/watchdog/blocked_seconds_max"] >= 5.0
+    assert not monitor_threads()
+
+
+# ---------------------------------------------------------------------- deadlock
+# A user's crawl written the naive way, with its own instrumented pools (as the README asks
+# users to do): a sticky proxy session per detail page (the proxy slot is kept until the
+# page's item is stored) and a pipeline that holds a PostgreSQL connection while it awaits
+# an enrichment download that needs a proxy slot. Proxy capacity 2, one connection.
+
+
+class StickyProxyMiddleware:
+    """Leases a slot of the real FaultProxy per request; detail pages keep it (sticky)."""
+
+    def __init__(self, crawler: Any) -> None:
+        from scrapy_antideadlock.primitives import LeasePool, Registry
+
+        self.proxy_url = crawler.settings["TEST_PROXY_URL"]
+        self.pool = LeasePool("proxy", {self.proxy_url: 2}, kind="proxy")
+        Registry.for_owner(crawler).register(self.pool)
+        self.sticky: dict[str, Any] = {}
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> StickyProxyMiddleware:
+        mw = cls(crawler)
+        crawler.test_proxy_mw = mw
+        return mw
+
+    async def process_request(self, request: Any) -> None:
+        from scrapy_antideadlock.identity import request_id
+
+        lease = await self.pool.acquire(request_id(request), timeout=120)
+        request.meta["proxy"] = self.proxy_url
+        request.meta["test_lease"] = lease
+        if request.meta.get("sticky"):
+            self.sticky[request_id(request)] = lease
+
+    async def process_response(self, request: Any, response: Any) -> Any:
+        if not request.meta.get("sticky"):
+            request.meta["test_lease"].release()
+        return response
+
+    async def process_exception(self, request: Any, exception: Exception) -> None:
+        lease = request.meta.get("test_lease")
+        if lease is not None:
+            lease.release()
+
+    def release_session(self, owner: str) -> None:
+        lease = self.sticky.pop(owner, None)
+        if lease is not None:
+            lease.release()
+
+
+class NaiveEnrichPipeline:
+    """Holds a DB connection (LeasePool over a real psycopg connection) across a download."""
+
+    def __init__(self, crawler: Any) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> NaiveEnrichPipeline:
+        return cls(crawler)
+
+    async def open_spider(self) -> None:
+        import psycopg
+
+        from scrapy_antideadlock.primitives import LeasePool, Registry
+
+        self.conn = await psycopg.AsyncConnection.connect(
+            self.crawler.settings["TEST_PG_DSN"], autocommit=True)
+        await self.conn.execute("CREATE TABLE IF NOT EXISTS wd_items (key text PRIMARY KEY)")
+        self.db = LeasePool("db", 1, kind="pg")
+        Registry.for_owner(self.crawler).register(self.db)
+        self.crawler.test_db_pool = self.db
+
+    async def close_spider(self) -> None:
+        await self.conn.close()
+
+    async def process_item(self, item: Any) -> Any:
+        import scrapy
+
+        from scrapy_antideadlock.identity import META_KEY
+
+        owner = item.pop("owner")
+        try:
+            lease = await self.db.acquire(owner, timeout=120)
+            try:
+                await self.conn.execute("SELECT 1")
+                enrich = scrapy.Request(item["url"] + "?enrich=1", dont_filter=True,
+                                        meta={META_KEY: owner})
+                await self.crawler.engine.download_async(enrich)
+                await self.conn.execute("INSERT INTO wd_items VALUES (%s) ON CONFLICT DO NOTHING",
+                                        (item["key"],))
+            finally:
+                lease.release()
+        finally:
+            self.crawler.test_proxy_mw.release_session(owner)
+        return item
+
+
+class StickySpider(SiteSpider):
+    def request_meta(self, kind: str) -> dict[str, Any]:
+        return {"sticky": True} if kind == "item" else {}
+
+    def parse_item(self, response: Any, **kwargs: Any) -> Any:
+        from scrapy_antideadlock.identity import request_id
+
+        for item in super().parse_item(response, **kwargs):
+            item["owner"] = request_id(response.request)
+            yield item
+
+
+def break_on_stall(crawler: Any, found: list[dict[str, Any]], *pools: str) -> None:
+    """On stall_detected: keep the diagnosis and close the named test pools (ends the hang)."""
+
+    def handler(diagnosis: dict[str, Any], **kwargs: Any) -> None:
+        found.append(diagnosis)
+        for name in pools:
+            getattr(crawler, name).pool.close() if name == "test_proxy_mw" \
+                else getattr(crawler, name).close()
+
+    crawler.signals.connect(handler, ad_signals.stall_detected, weak=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_naive_pipeline_deadlock_is_classified_with_cycle(
+        make_fault_site: Any, fault_proxy: Any, pg_dsn: str, tmp_path: Any) -> None:
+    site = make_fault_site(pages=1, items_per_page=4)
+    found: list[dict[str, Any]] = []
+
+    def opened(spider: Any, **kwargs: Any) -> None:
+        break_on_stall(spider.crawler, found, "test_proxy_mw", "test_db_pool")
+
+    class Spider(StickySpider):
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            spider = super().from_crawler(crawler, *args, **kwargs)
+            crawler.signals.connect(opened, signals.spider_opened, weak=False)
+            return spider
+
+    settings = wd_settings(
+        tmp_path, TEST_PROXY_URL=fault_proxy.url, TEST_PG_DSN=pg_dsn, CONCURRENT_REQUESTS=4,
+        DOWNLOADER_MIDDLEWARES={StickyProxyMiddleware: 500},
+        ITEM_PIPELINES={NaiveEnrichPipeline: 300})
+    result = await run_crawl(Spider, settings, timeout=40, start_url=site.start_url)
+    assert result.finished
+    assert len(found) == 1, found
+    diag = found[0]
+    assert diag["class"] == "deadlock", diag["evidence"]
+    cycle = diag["cycle"]
+    assert "proxy pool" in cycle and "pg 'db'" in cycle and "(cycle)" in cycle, cycle
+    assert "item of request" in cycle
+    assert set(diag["graph"]["cycles"][0]["pools"]) == {"proxy", "db"}
+    assert diag["since_progress"] <= 2.0 + 1.0
+    on_disk = read_diagnoses(tmp_path)
+    assert on_disk[0]["class"] == "deadlock" and on_disk[0]["cycle"] == cycle
+    table = {p["name"]: p for p in on_disk[0]["pools"]}
+    assert table["proxy"]["capacity"] == 2 and table["proxy"]["in_use"] == 2
+    assert table["proxy"]["waiters"] >= 1
+    assert table["db"]["capacity"] == 1 and table["db"]["in_use"] == 1
+    assert table["db"]["waiters"] == 1
+    assert on_disk[0]["oldest_holders"] and on_disk[0]["loop"]["cpu"] is not None
+    assert result.stats["antideadlock/watchdog/stalls/deadlock"] == 1
+    assert fault_proxy.requests >= 3  # the downloads really went through the proxy
+    assert not monitor_threads()
+
+
+# ---------------------------------------------------------------------- livelock, stalled I/O
+
+
+class ProxiedSpider(SiteSpider):
+    proxy_url = ""
+
+    def request_meta(self, kind: str) -> dict[str, Any]:
+        return {"proxy": self.proxy_url}
+
+
+@pytest_twisted.ensureDeferred
+async def test_always_failing_proxy_with_unbounded_retries_is_livelock(
+        make_fault_site: Any, make_fault_proxy: Any, tmp_path: Any) -> None:
+    site = make_fault_site(pages=1, items_per_page=3)
+    proxy = make_fault_proxy(mode="error")  # every request: 502 Bad Gateway
+    found: list[dict[str, Any]] = []
+    cleared: list[tuple[str, float]] = []
+
+    class Spider(ProxiedSpider):
+        proxy_url = proxy.url
+
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            def on_stall(diagnosis: dict[str, Any], **kw: Any) -> None:
+                found.append(diagnosis)
+                proxy.mode = "healthy"  # the operator fixes the proxy: progress resumes
+
+            def on_cleared(stall_class: str, duration: float, **kw: Any) -> None:
+                cleared.append((stall_class, duration))
+
+            crawler.signals.connect(on_stall, ad_signals.stall_detected, weak=False)
+            crawler.signals.connect(on_cleared, ad_signals.stall_cleared, weak=False)
+            return super().from_crawler(crawler, *args, **kwargs)
+
+    settings = wd_settings(tmp_path, RETRY_TIMES=10**9, RETRY_HTTP_CODES=[502],
+                           RETRY_PRIORITY_ADJUST=0, CONCURRENT_REQUESTS=2)
+    result = await run_crawl(Spider, settings, timeout=40, start_url=site.start_url)
+    assert result.finished and len(result.items) == 3
+    assert [d["class"] for d in found] == ["livelock"], [d["evidence"] for d in found]
+    assert found[0]["churn"] >= 10
+    assert any("retry/count" in line for line in found[0]["evidence"])
+    assert cleared and cleared[0][0] == "livelock"
+    assert result.stats["antideadlock/watchdog/cleared"] == 1
+    assert proxy.requests > 20
+    assert not monitor_threads()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any) -> None:
+    from scrapy_antideadlock.testing import Fault
+
+    site = make_fault_site(pages=1, items_per_page=3)
+    site.add_fault("/item/*", Fault.hang())
+    found: list[dict[str, Any]] = []
+
+    class Spider(SiteSpider):
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            crawler.signals.connect(lambda diagnosis, **kw: found.append(diagnosis),
+                                    ad_signals.stall_detected, weak=False)
+            return super().from_crawler(crawler, *args, **kwargs)
+
+    settings = wd_settings(tmp_path, DOWNLOAD_TIMEOUT=6, RETRY_ENABLED=False)
+    result = await run_crawl(Spider, settings, timeout=40, start_url=site.start_url)
+    assert result.finished and not result.items
+    assert [d["class"] for d in found] == ["stalled_io"], [d["evidence"] for d in found]
+    flight = found[0]["in_flight"]
+    assert flight["count"] == 3
+    assert all("/item/" in e["request"] and e["age"] >= 2.0 for e in flight["oldest"])
+    assert all(e["stage"] == "transfer" for e in flight["oldest"])
+    assert not monitor_threads()
+
+
+class WaitsForeverPipeline:
+    """Awaits an event nobody sets and no pool tracks: the watchdog must not invent a cause."""
+
+    def __init__(self) -> None:
+        self.never = asyncio.Event()
+
+    async def process_item(self, item: Any) -> Any:
+        await self.never.wait()
+        return item
+
+
+@pytest_twisted.ensureDeferred
+async def test_uninstrumented_wait_is_unknown_not_a_guess(make_fault_site: Any,
+                                                          tmp_path: Any) -> None:
+    site = make_fault_site(pages=1, items_per_page=2)
+    found: list[dict[str, Any]] = []
+
+    class Spider(SiteSpider):
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            def on_stall(diagnosis: dict[str, Any], **kw: Any) -> None:
+                found.append(diagnosis)
+                for pipe in crawler.engine.scraper.itemproc.middlewares:
+                    if isinstance(pipe, WaitsForeverPipeline):
+                        pipe.never.set()
+
+            crawler.signals.connect(on_stall, ad_signals.stall_detected, weak=False)
+            return super().from_crawler(crawler, *args, **kwargs)
+
+    settings = wd_settings(tmp_path, ITEM_PIPELINES={WaitsForeverPipeline: 300})
+    result = await run_crawl(Spider, settings, timeout=30, start_url=site.start_url)
+    assert result.finished and len(result.items) == 2
+    assert [d["class"] for d in found] == ["unknown"], [d["evidence"] for d in found]
+    assert found[0]["pending"]["scraping"] >= 1
+    # the un-instrumented await is named: the pipeline's line and where it is suspended
+    top = found[0]["awaiting"][0]
+    assert top["count"] == 2 and "process_item (test_watchdog.py" in top["chain"][0]
+    assert top["code"] == "await self.never.wait()"
+    assert any("self.never.wait()" in line for line in found[0]["evidence"])
+    assert len(found[0]["in_callbacks"]) == 2
+    assert result.stats["antideadlock/watchdog/cleared"] == 1
+
+
+def test_adaptive_window_follows_request_latency() -> None:
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_antideadlock.watchdog import Watchdog
+
+    crawler = get_crawler(SiteSpider, {
+        "ANTIDEADLOCK_WATCHDOG_WINDOW_MIN": 4.0, "ANTIDEADLOCK_WATCHDOG_WINDOW_MAX": 30.0,
+        "ANTIDEADLOCK_WATCHDOG_WINDOW_INITIAL": 20.0, "ANTIDEADLOCK_WATCHDOG_WINDOW_BUFFER": 1.0,
+        "ANTIDEADLOCK_WATCHDOG_WINDOW_MIN_SAMPLES": 10})
+    watchdog = Watchdog.from_crawler(crawler)
+    assert watchdog_for(crawler) is watchdog
+    assert watchdog.window() == 20.0  # not warmed up
+    for _ in range(50):
+        watchdog.latency.record("all", 0.2)
+    assert watchdog.window() == 4.0  # 0.2 x 3 + 1 = 1.6, clamped up to MIN
+    for _ in range(50):
+        watchdog.latency.record("all", 4.0)
+    assert 12.0 <= watchdog.window() <= 14.0  # p99 ~4 s: 4 x 3 + 1
+    for _ in range(500):
+        watchdog.latency.record("all", 60.0)
+    assert watchdog.window() == 30.0  # clamped to MAX
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeouts_retried_without_end_are_stalled_io_not_livelock(
+        make_fault_site: Any, tmp_path: Any) -> None:
+    from scrapy_antideadlock.testing import Fault
+
+    site = make_fault_site(pages=1, items_per_page=2)
+    site.add_fault("/item/*", Fault.hang())
+    found: list[dict[str, Any]] = []
+
+    class Spider(SiteSpider):
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            def on_stall(diagnosis: dict[str, Any], **kw: Any) -> None:
+                found.append(diagnosis)
+                site.clear_faults()  # the peer answers again: retries now succeed
+
+            crawler.signals.connect(on_stall, ad_signals.stall_detected, weak=False)
+            return super().from_crawler(crawler, *args, **kwargs)
+
+    settings = wd_settings(tmp_path, DOWNLOAD_TIMEOUT=0.4, RETRY_TIMES=10**6,
+                           CONCURRENT_REQUESTS=2)
+    result = await run_crawl(Spider, settings, timeout=40, start_url=site.start_url)
+    assert result.finished and len(result.items) == 2
+    assert [d["class"] for d in found] == ["stalled_io"], [d["evidence"] for d in found]
+    assert "timed out" in found[0]["evidence"][0]
+    assert result.stats["antideadlock/watchdog/cleared"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sub_second_window(make_fault_site: Any, tmp_path: Any) -> None:
+    from scrapy_antideadlock.testing import Fault
+
+    site = make_fault_site(pages=1, items_per_page=2)
+    site.add_fault("/item/*", Fault.hang())
+    settings = wd_settings(tmp_path, ANTIDEADLOCK_WATCHDOG_WINDOW=0.6,
+                           ANTIDEADLOCK_WATCHDOG_INTERVAL=0.05,
+                           ANTIDEADLOCK_WATCHDOG_HEARTBEAT=0.05,
+                           ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD=2.0,
+                           DOWNLOAD_TIMEOUT=2.5, RETRY_ENABLED=False)
+    result = await run_crawl(SiteSpider, settings, timeout=30, start_url=site.start_url)
+    assert result.finished
+    diags = read_diagnoses(tmp_path)
+    assert diags[0]["class"] == "stalled_io" and diags[0]["window"] == 0.6
+    assert 0.6 <= diags[0]["since_progress"] <= 0.6 + 0.5
+    assert result.stats["antideadlock/watchdog/window"] == 0.6
+
+
+# ---------------------------------------------------------------------- no false positives
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_but_progressing_crawl_is_not_a_stall(make_fault_site: Any, tmp_path: Any,
+                                                         caplog: Any) -> None:
+    # Every response takes 1.5 s, one at a time: progress every ~1.5 s, window 2.5 s.
+    caplog.set_level(logging.INFO, logger="scrapy_antideadlock.watchdog")
+    site = make_fault_site(pages=1, items_per_page=3, latency=Latency.fixed(1.5))
+    settings = wd_settings(tmp_path, CONCURRENT_REQUESTS=1, ANTIDEADLOCK_WATCHDOG_WINDOW=2.5)
+    result = await run_crawl(SiteSpider, settings, timeout=40, start_url=site.start_url)
+    assert result.finished and len(result.items) == 3
+    assert result.elapsed >= 4 * 1.5
+    assert "antideadlock/watchdog/stalls" not in result.stats
+    assert not (tmp_path / "diagnosis.json").exists()
+    health = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("antideadlock health:")]
+    assert len(health) >= 3  # every second
+    assert all(("flowing" in line or "slow" in line) and re.search(r"in flight [01]/1,", line)
+               and "watchdog armed" in line and "lag p99" in line for line in health), health
+
+
+class IdleSpider(SiteSpider):
+    """Crawls one listing, then stays open with nothing to do (DontCloseSpider) for 3.5 s."""
+
+    states: list[str] = []
+
+    @classmethod
+    def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+        spider = super().from_crawler(crawler, *args, **kwargs)
+        spider.idle_since: float | None = None
+        crawler.signals.connect(spider.on_idle, signals.spider_idle)
+        return spider
+
+    def parse(self, response: Any, **kwargs: Any) -> Any:
+        yield {"key": "listing", "url": response.url}
+
+    def on_idle(self) -> None:
+        from scrapy.exceptions import DontCloseSpider
+
+        IdleSpider.states.append(watchdog_for(self.crawler).state)
+        if self.idle_since is None:
+            self.idle_since = time.monotonic()
+        if time.monotonic() - self.idle_since < 3.5:
+            raise DontCloseSpider
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_spider_kept_open_is_not_a_stall(make_fault_site: Any, tmp_path: Any) -> None:
+    site = make_fault_site(pages=1, items_per_page=1)
+    IdleSpider.states = []
+    result = await run_crawl(IdleSpider, wd_settings(tmp_path, ANTIDEADLOCK_WATCHDOG_WINDOW=1.0),
+                             timeout=30, start_url=site.start_url)
+    assert result.finished and len(result.items) == 1
+    assert result.elapsed >= 3.5
+    assert "antideadlock/watchdog/stalls" not in result.stats
+    assert "idle" in IdleSpider.states
+    assert not (tmp_path / "diagnosis.json").exists()
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_bad_settings_fail_at_start_naming_the_setting() -> None:
+    import pytest
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_antideadlock.settings import SettingError
+    from scrapy_antideadlock.watchdog import Watchdog
+
+    for name, value in [("ANTIDEADLOCK_WATCHDOG_WINDOW", -1),
+                        ("ANTIDEADLOCK_WATCHDOG_CPU_BUSY", 2),
+                        ("ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD", 0.05),
+                        ("ANTIDEADLOCK_WATCHDOG_WINDOW_MIN", 500)]:
+        crawler = get_crawler(SiteSpider, {name: value})
+        with pytest.raises(SettingError, match=name):
+            Watchdog.from_crawler(crawler)
+
+
+def test_off_switch_and_addon() -> None:
+    import pytest
+    from scrapy.exceptions import NotConfigured
+    from scrapy.settings import Settings
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_antideadlock import Addon
+    from scrapy_antideadlock.watchdog import Watchdog
+
+    crawler = get_crawler(SiteSpider, {"ANTIDEADLOCK_WATCHDOG_ENABLED": False})
+    with pytest.raises(NotConfigured):
+        Watchdog.from_crawler(crawler)
+    assert watchdog_for(crawler) is None
+    settings = Settings()
+    Addon().update_settings(settings)
+    assert Watchdog in settings.getwithbase("EXTENSIONS") or \
+        "scrapy_antideadlock.watchdog.Watchdog" in settings.getwithbase("EXTENSIONS")
+    off = Settings({"ANTIDEADLOCK_WATCHDOG_ENABLED": False})
+    Addon().update_settings(off)
+    assert Watchdog not in off.getwithbase("EXTENSIONS")
+
+
+# ---------------------------------------------------------------------- with the whole pack
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_the_whole_pack_uses_the_downloader_deadlines(make_fault_site: Any,
+                                                                  tmp_path: Any) -> None:
+    from scrapy_antideadlock.testing import Fault
+
+    site = make_fault_site(pages=1, items_per_page=3)
+    site.add_fault("/item/*", Fault.hang())
+    found: list[dict[str, Any]] = []
+
+    class Spider(SiteSpider):
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            crawler.signals.connect(lambda diagnosis, **kw: found.append(diagnosis),
+                                    ad_signals.stall_detected, weak=False)
+            return super().from_crawler(crawler, *args, **kwargs)
+
+    settings = wd_settings(tmp_path, ADDONS={"scrapy_antideadlock.Addon": 0},
+                           ANTIDEADLOCK_DEADLINE_INITIAL=5.0, RETRY_ENABLED=False)
+    del settings["EXTENSIONS"]  # the add-on enables the watchdog
+    result = await run_crawl(Spider, settings, timeout=60, start_url=site.start_url)
+    assert result.finished
+    # (recovery may requeue the cancelled requests, which hang again: more episodes)
+    assert found and {d["class"] for d in found} == {"stalled_io"}, \
+        [d["evidence"] for d in found]
+    oldest = found[0]["in_flight"]["oldest"]
+    assert len(oldest) == 3
+    # deadlines come from the downloader part's in-flight tracker
+    assert all(e["deadline_in"] is not None and e["deadline_in"] < 5.0 for e in oldest)
+    assert not monitor_threads()
