@@ -1,0 +1,105 @@
+"""Scrapy item pipeline: deadlock-free batched upserts into PostgreSQL.
+
+A thin adapter over :class:`~scrapy_antideadlock.pipeline.engine.UpsertEngine`: it reads
+the pg settings once, turns items into field mappings through
+itemadapter, and maps the engine's outcome to Scrapy's: stored -> the item passes
+on (so ``item_scraped`` means "committed" in the default mode), parked in the
+dead-letter store -> ``DropItem`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from itemadapter import ItemAdapter
+from scrapy.crawler import Crawler
+from scrapy.exceptions import DropItem, NotConfigured
+
+from .. import settings as ad_settings
+from ..primitives.deadletter import DeadLetterStore
+from ..primitives.registry import Registry
+from .config import SpecResolver, TableSpec, item_type_name, parse_tables, redact_dsn
+from .engine import EngineOptions, UpsertEngine
+
+logger = logging.getLogger(__name__)
+
+
+try:
+    from ..origin import origins_for
+except ImportError:  # pragma: no cover - origin is part of this package
+    origins_for = None
+
+
+def owner_of(crawler: Crawler, item: Any) -> str:
+    """The request id that produced ``item`` (origin tracker), else a per-item placeholder."""
+    if origins_for is not None:
+        owner = origins_for(crawler).owner_of(item)
+        if owner:
+            return owner
+    return f"item:{id(item):x}"
+
+
+class PostgresUpsertPipeline:
+    """Writes items to PostgreSQL in deduplicated, key-ordered, bounded batches."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        conf = ad_settings.load(crawler.settings, "pg")
+        if not conf.enabled:
+            raise NotConfigured("ANTIDEADLOCK_PG_ENABLED is False")
+        if not conf.dsn:
+            raise NotConfigured("ANTIDEADLOCK_PG_DSN is not set")
+        self.crawler = crawler
+        self.specs: dict[str, TableSpec] = parse_tables(conf.tables)
+        if not self.specs:
+            raise ad_settings.SettingError(
+                "ANTIDEADLOCK_PG_TABLES", "at least one item type -> table spec", conf.tables,
+                "nothing to write to")
+        self.spec_of = SpecResolver(self.specs)
+        self.wait = conf.durability == "commit"
+        options = EngineOptions(
+            batch_size=conf.batch_size, max_delay=conf.max_delay,
+            capacity=max(conf.buffer_capacity, conf.batch_size), pool_size=conf.pool_size,
+            acquire_timeout=conf.acquire_timeout, max_waiting=conf.max_waiting,
+            lock_timeout=conf.lock_timeout, statement_timeout=conf.statement_timeout,
+            idle_in_transaction_timeout=conf.idle_in_transaction_timeout,
+            max_attempts=conf.max_attempts, retry_budget=conf.retry_budget,
+            close_timeout=conf.close_timeout, create_tables=conf.create_tables,
+            eager_flush=self.wait)
+        self.deadletter = DeadLetterStore(conf.deadletter_path,
+                                          lock_timeout=conf.deadletter_lock_timeout)
+        self.engine = UpsertEngine(conf.dsn, self.specs, options, deadletter=self.deadletter,
+                                   stats=crawler.stats)
+        self.registry = Registry.for_owner(crawler)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> PostgresUpsertPipeline:
+        return cls(crawler)
+
+    async def open_spider(self) -> None:
+        await self.engine.open()
+        self.registry.register(self.engine.pool_view)
+        for buffer in self.engine.buffers.values():
+            self.registry.register(buffer)
+        logger.info("pg pipeline: writing %s to %s (%s mode)",
+                    ", ".join(f"{t}->{s.table}" for t, s in self.specs.items()),
+                    redact_dsn(self.engine.dsn), "commit" if self.wait else "buffered")
+
+    async def process_item(self, item: Any) -> Any:
+        # Shallow: the engine snapshots values into the row; nested items go to JSON as dicts.
+        fields = item if type(item) is dict else dict(ItemAdapter(item).items())
+        outcome = await self.engine.submit(
+            self.spec_of(item), fields, owner=owner_of(self.crawler, item),
+            item_type=item_type_name(item), wait=self.wait)
+        if not outcome.stored:
+            raise DropItem(f"not stored ({outcome.reason}): {outcome.detail}; "
+                           f"see {self.deadletter.path}")
+        return item
+
+    async def close_spider(self) -> None:
+        try:
+            await self.engine.close()
+        finally:
+            self.registry.unregister(self.engine.pool_view)
+            for buffer in self.engine.buffers.values():
+                self.registry.unregister(buffer)

@@ -1,0 +1,676 @@
+"""The PostgreSQL upsert engine behind the pipeline (no Scrapy import).
+
+Why it cannot deadlock or hang:
+
+* **Ordering.** Each batch is deduplicated by key and staged with COPY into a temp
+  table, then merged with ``INSERT ... SELECT ... ORDER BY key ON CONFLICT``: every
+  writer locks rows in key order, so no two transactions wait on each other in a
+  cycle. One flush per table at a time, so a later batch never overtakes an earlier.
+* **Bounded waits.** Pool acquire has a timeout and a bounded queue; each transaction
+  runs with ``SET LOCAL lock_timeout``/``statement_timeout``; every connection has
+  ``idle_in_transaction_session_timeout``; the pool checks connections before use so
+  those killed by a server restart are replaced. A connection is held only inside a
+  flush, never while an item waits for anything else.
+* **Retries, then parking.** Transient failures (deadlock, lock/statement timeout,
+  serialization, shutdown, connection loss, pool timeout) are retried with jittered
+  exponential backoff within a per-batch time budget. Row-level errors (bad data,
+  constraint violations) split the batch to isolate the poison rows. Whatever cannot
+  be stored is parked in the dead-letter store with the reason: never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as _dt
+import decimal
+import itertools
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from itemadapter import ItemAdapter
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+from .. import stats as ad_stats
+from ..primitives.batching import (
+    Backoff,
+    BatchBuffer,
+    BufferFull,
+    Entry,
+    dedupe_last_wins,
+    split_halves,
+)
+from ..primitives.deadletter import DeadLetterStore
+from ..primitives.deadline import LatencyHistogram
+from ..primitives.registry import HolderInfo, PoolSnapshot, WaiterInfo
+from .config import TableSpec, redact_dsn, scrub
+
+logger = logging.getLogger(__name__)
+
+#: SQLSTATEs worth retrying (FIELD-NOTES): deadlock, lock timeout, statement timeout /
+#: cancel, serialization failure, admin/crash shutdown, cannot connect now,
+#: idle-in-transaction timeout. Never 21000 (a duplicate key in one statement: dedupe).
+RETRY_SQLSTATES = frozenset({"40P01", "55P03", "57014", "40001", "57P01", "57P02", "57P03",
+                             "25P03"})
+_CONNECTION_CLASS = "08"
+#: SQLSTATE classes a single bad row can cause (data exception, integrity violation):
+#: only these split a batch to isolate the row. Others (undefined table, permission)
+#: fail every row alike, so the whole batch is parked at once.
+_ROW_LEVEL = frozenset({"22", "23", ""})
+
+
+class PgConfigError(ValueError):
+    """The database does not match the configuration; the message names the setting."""
+
+
+class Stats:
+    """Minimal stats sink (Scrapy's StatsCollector has the same three methods)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def inc_value(self, key: str, count: int = 1, start: int = 0) -> None:
+        self.values[key] = self.values.get(key, start) + count
+
+    def set_value(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def max_value(self, key: str, value: Any) -> None:
+        self.values[key] = max(self.values.get(key, value), value)
+
+    def get_value(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+@dataclass
+class EngineOptions:
+    """Engine knobs; the pipeline fills them from the pg settings (same names)."""
+
+    batch_size: int = 1000
+    max_delay: float = 0.1
+    capacity: int = 10000
+    pool_size: int = 4
+    acquire_timeout: float = 5.0
+    max_waiting: int = 16
+    lock_timeout: float = 2.0
+    statement_timeout: float = 30.0
+    idle_in_transaction_timeout: float = 60.0
+    max_attempts: int = 6
+    retry_budget: float = 30.0  # seconds per batch, retries included
+    backoff_base: float = 0.05
+    backoff_max: float = 2.0
+    close_timeout: float = 30.0
+    create_tables: bool = False
+    connect_timeout: float = 10.0
+    eager_flush: bool = True  # commit mode: items wait, so flush right after a flush
+    name: str = "pg"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one item: stored, or parked with a reason."""
+
+    stored: bool
+    reason: str = ""
+    detail: str = ""
+
+
+STORED = Outcome(True)
+
+
+class BadItem(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def classify(exc: BaseException) -> str | None:
+    """A retry label for a transient failure (SQLSTATE or a name), else None."""
+    if isinstance(exc, TooManyRequests):
+        return "pool_full"
+    if isinstance(exc, PoolTimeout):
+        return "pool_timeout"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "client_timeout"
+    if isinstance(exc, psycopg.Error):
+        code = exc.sqlstate
+        if code in RETRY_SQLSTATES:
+            return code
+        if code and code.startswith(_CONNECTION_CLASS):
+            return code
+        if code is None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return "connection"
+    return None
+
+
+_SCALARS = (str, int, float, bool, decimal.Decimal, _dt.date, _dt.time, _dt.timedelta,
+            uuid.UUID, bytes, type(None))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (_dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if ItemAdapter.is_item(value):  # a nested item (the pipeline adapts items shallowly)
+        return ItemAdapter(value).asdict()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, allow_nan=False)
+
+
+def _to_json(value: Any, field_name: str) -> Jsonb:
+    try:
+        text = _dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise BadItem("unserialisable", f"field {field_name!r}: {exc}") from None
+    return Jsonb(value, dumps=lambda _v, _t=text: _t)
+
+
+def _check_scalar(value: Any, field_name: str) -> Any:
+    if isinstance(value, _SCALARS):
+        if isinstance(value, str) and "\x00" in value:
+            raise BadItem("unserialisable", f"field {field_name!r}: NUL character in text")
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS) for v in value):
+        return list(value)
+    raise BadItem("unserialisable",
+                  f"field {field_name!r}: {type(value).__name__} has no column type")
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass
+class Table:
+    """A spec resolved against the live table: columns, types, SQL."""
+
+    spec: TableSpec
+    columns: dict[str, str]  # column -> type name (udt), in table order
+    ident: sql.Composable = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ident = sql.Identifier(*self.spec.table_parts)
+        self._sql_cache: dict[tuple[str, ...], tuple[sql.Composed, sql.Composed]] = {}
+        self._routes: dict[str, tuple[str | None, bool]] = {}
+
+    def row_of(self, fields: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """(key, column -> value) for one item; raise :class:`BadItem` if it cannot be."""
+        spec = self.spec
+        key = []
+        for name in spec.key:
+            value = fields.get(name)
+            if value is None:
+                raise BadItem("missing_key", f"key field {name!r} missing or null")
+            if not isinstance(value, (str, int, decimal.Decimal, uuid.UUID, _dt.date)) \
+                    or isinstance(value, bool):
+                raise BadItem("bad_key", f"key field {name!r} is a {type(value).__name__}")
+            key.append(value)
+        row: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        routes = self._routes
+        for name, value in fields.items():
+            route = routes.get(name)
+            if route is None:
+                route = self._route(name)
+                if len(routes) < 1000:  # bounded: dict items may carry arbitrary field names
+                    routes[name] = route
+            column, is_json = route
+            if column is None:
+                if spec.extra:
+                    extra[name] = value
+                continue
+            if is_json:
+                row[column] = _to_json(value, name)
+            elif type(value) is str and "\x00" not in value:  # the common case, fast
+                row[column] = value
+            else:
+                row[column] = _check_scalar(value, name)
+        if spec.extra:
+            row[spec.extra] = _to_json(extra, spec.extra)
+        return tuple(key), row
+
+    def _route(self, name: str) -> tuple[str | None, bool]:
+        """(column, is json) of an item field; computed once per field name."""
+        spec = self.spec
+        column = spec.column_of(name) if isinstance(spec.columns, dict) else (
+            name if name in self.columns and name != spec.extra else None)
+        if column is None and not spec.extra and len(self._routes) < 1000:
+            logger.warning("pg: field %r of %s has no column in %s and no 'extra' column "
+                           "is configured; it is not stored", name, spec.item_type, spec.table)
+        return column, column is not None and self.columns.get(column) in ("json", "jsonb")
+
+    def statements(self, cols: tuple[str, ...]) -> tuple[sql.Composed, sql.Composed]:
+        """(COPY into stage, merge from stage) for this column set."""
+        cached = self._sql_cache.get(cols)
+        if cached is not None:
+            return cached
+        spec = self.spec
+        col_ids = sql.SQL(", ").join(map(sql.Identifier, cols))
+        key_ids = sql.SQL(", ").join(map(sql.Identifier, spec.key_columns))
+        stage = sql.Identifier("_antideadlock_stage")
+        copy = sql.SQL("COPY {} ({}) FROM STDIN").format(stage, col_ids)
+        if spec.conflict == "nothing":
+            action = sql.SQL("NOTHING")
+        else:
+            targets = [c for c in cols if c not in spec.key_columns] if spec.conflict == "update" \
+                else [c for c in spec.conflict if c in cols]
+            if targets:
+                action = sql.SQL("UPDATE SET {}").format(sql.SQL(", ").join(
+                    sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                    for c in targets))
+            else:
+                action = sql.SQL("NOTHING")
+        merge = sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} ORDER BY {k} "
+                        "ON CONFLICT ({k}) DO {a}").format(t=self.ident, c=col_ids, s=stage,
+                                                           k=key_ids, a=action)
+        self._sql_cache[cols] = (copy, merge)
+        return copy, merge
+
+
+# --------------------------------------------------------------------------- registry view
+
+
+class PgPoolView:
+    """Registry view of the connection pool: holders are flushes, waiters are flushes."""
+
+    kind = "pg"
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.name = name
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._holders: dict[int, tuple[str, str, float]] = {}
+        self._waiters: dict[int, tuple[str, str, float]] = {}
+
+    def waiting(self, token: int, owner: str, member: str) -> None:
+        with self._lock:
+            self._waiters[token] = (owner, member, time.monotonic())
+
+    def holding(self, token: int) -> None:
+        with self._lock:
+            owner, member, _ = self._waiters.pop(token, ("", "", 0.0))
+            self._holders[token] = (owner, member, time.monotonic())
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            self._waiters.pop(token, None)
+            self._holders.pop(token, None)
+
+    def snapshot(self) -> PoolSnapshot:
+        now = time.monotonic()
+        with self._lock:
+            holders = tuple(HolderInfo(o, m, now - t) for o, m, t in self._holders.values())
+            waiters = tuple(WaiterInfo(o, now - t, m) for o, m, t in self._waiters.values())
+        return PoolSnapshot(self.name, self.kind, self.capacity, len(holders), holders, waiters)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class UpsertEngine:
+    """Batched, ordered, bounded upserts of rows into PostgreSQL tables."""
+
+    def __init__(self, dsn: str, specs: Mapping[str, TableSpec], options: EngineOptions, *,
+                 deadletter: DeadLetterStore, stats: Any | None = None,
+                 dsn_setting: str = "ANTIDEADLOCK_PG_DSN") -> None:
+        self.dsn = dsn
+        self.specs = dict(specs)
+        self.options = options
+        self.deadletter = deadletter
+        self.stats = stats if stats is not None else Stats()
+        self.dsn_setting = dsn_setting
+        self.pool: AsyncConnectionPool | None = None
+        self.pool_view = PgPoolView(f"{options.name}:connections", options.pool_size)
+        self.tables: dict[str, Table] = {}  # table name -> how batches are written
+        self._by_type: dict[str, Table] = {}  # item type -> how its items become rows
+        self.buffers: dict[str, BatchBuffer] = {}
+        self._backoff = Backoff(options.backoff_base, options.backoff_max)
+        self._latency = LatencyHistogram()
+        self._tokens = itertools.count(1)
+        self._soft_deadline: float | None = None
+        self._closed = False
+        self._pool_wait_max = 0.0
+
+    # ------------------------------------------------------------------ open
+    async def open(self) -> None:
+        """Check the DSN, resolve (or create) tables, open the pool. Errors name settings."""
+        opts = self.options
+        try:
+            conn = await asyncio.wait_for(
+                psycopg.AsyncConnection.connect(self.dsn, autocommit=True,
+                                                connect_timeout=max(1, int(opts.connect_timeout))),
+                opts.connect_timeout + 1)
+        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
+            raise PgConfigError(
+                f"{self.dsn_setting}: cannot connect to {redact_dsn(self.dsn)}: "
+                f"{scrub(str(exc) or type(exc).__name__, self.dsn)}") from None
+        try:
+            for spec in self.specs.values():
+                table = self._by_type[spec.item_type] = await self._resolve(conn, spec)
+                first = self.tables.setdefault(spec.table, table)
+                if (first.spec.key_columns, first.spec.conflict) != (spec.key_columns,
+                                                                     spec.conflict):
+                    raise PgConfigError(
+                        f"ANTIDEADLOCK_PG_TABLES: {first.spec.item_type} and {spec.item_type} "
+                        f"share table {spec.table!r} but differ in key columns or conflict "
+                        f"action; items of one table are merged in the same statements")
+        finally:
+            await conn.close()
+        for name, table in self.tables.items():
+            self.buffers[name] = BatchBuffer(
+                f"{opts.name}:buffer:{name}", self._flush_factory(table),
+                batch_size=opts.batch_size, max_delay=opts.max_delay,
+                capacity=max(opts.capacity, opts.batch_size), on_error=self._flush_crashed,
+                eager=opts.eager_flush)
+        self.pool = AsyncConnectionPool(
+            self.dsn, min_size=1, max_size=opts.pool_size, open=False,
+            timeout=opts.acquire_timeout, max_waiting=opts.max_waiting,
+            configure=self._configure, check=AsyncConnectionPool.check_connection,
+            name=opts.name, reconnect_timeout=max(60.0, opts.retry_budget))
+        await self.pool.open(wait=False)
+
+    async def _configure(self, conn: psycopg.AsyncConnection) -> None:
+        # Must leave the connection idle (not in a transaction), or the pool discards it.
+        await conn.set_autocommit(True)
+        ms = int(self.options.idle_in_transaction_timeout * 1000)
+        await conn.execute(sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+            sql.Literal(ms)))
+
+    async def _resolve(self, conn: psycopg.AsyncConnection, spec: TableSpec) -> Table:
+        qualified = sql.Identifier(*spec.table_parts).as_string(conn)
+        cur = await conn.execute("SELECT to_regclass(%s)::oid", [qualified])
+        oid = (await cur.fetchone())[0]
+        if oid is None:
+            if not self.options.create_tables:
+                raise PgConfigError(
+                    f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} (for {spec.item_type}) "
+                    f"does not exist; create it or set ANTIDEADLOCK_PG_CREATE_TABLES=True "
+                    f"(development only)")
+            await conn.execute(self._create_sql(spec))
+            cur = await conn.execute("SELECT to_regclass(%s)::oid", [qualified])
+            oid = (await cur.fetchone())[0]
+        cur = await conn.execute(
+            "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t "
+            "ON t.oid = a.atttypid WHERE a.attrelid = %s AND a.attnum > 0 "
+            "AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum", [oid])
+        columns = {name: typ for name, typ in await cur.fetchall()}
+        missing = [c for c in spec.key_columns if c not in columns]
+        if isinstance(spec.columns, dict):
+            missing += [c for c in spec.columns.values() if c not in columns]
+        if spec.extra and spec.extra not in columns:
+            missing.append(spec.extra)
+        if missing:
+            raise PgConfigError(f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} has no "
+                                f"column(s) {sorted(set(missing))}")
+        cur = await conn.execute(
+            "SELECT array(SELECT a.attname FROM unnest(i.indkey) k JOIN pg_attribute a "
+            "ON a.attrelid = i.indrelid AND a.attnum = k) FROM pg_index i "
+            "WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL "
+            "AND i.indexprs IS NULL", [oid])
+        unique = [set(row[0]) for row in await cur.fetchall()]
+        if set(spec.key_columns) not in unique:
+            raise PgConfigError(
+                f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} needs a unique index or "
+                f"primary key on exactly {list(spec.key_columns)} for ON CONFLICT")
+        return Table(spec, columns)
+
+    @staticmethod
+    def _create_sql(spec: TableSpec) -> sql.Composed:
+        types = dict(spec.types)
+        cols: dict[str, str] = {c: types.get(c, "text") for c in spec.key_columns}
+        if isinstance(spec.columns, dict):
+            for column in spec.columns.values():
+                cols.setdefault(column, types.get(column, "text"))
+        for column, typ in types.items():
+            cols.setdefault(column, typ)
+        if spec.extra:
+            cols.setdefault(spec.extra, "jsonb")
+        defs = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in cols.items())
+        return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+            sql.Identifier(*spec.table_parts), defs,
+            sql.SQL(", ").join(map(sql.Identifier, spec.key_columns)))
+
+    # ------------------------------------------------------------------ submit
+    async def submit(self, spec: TableSpec | None, fields: Mapping[str, Any], *, owner: str,
+                     item_type: str, wait: bool = True) -> Outcome:
+        """Queue one item; with ``wait`` return when it is committed or parked."""
+        if spec is None:
+            return await self._park_bad(fields, owner, item_type, None, BadItem(
+                "unknown_type", f"no table configured for item type {item_type!r} "
+                                f"(ANTIDEADLOCK_PG_TABLES)"))
+        try:
+            key, row = self._by_type[spec.item_type].row_of(fields)
+        except BadItem as exc:
+            return await self._park_bad(fields, owner, item_type, spec.table, exc)
+        loop = asyncio.get_running_loop()
+        entry = Entry(key, row, owner, payload={"item_type": item_type, "item": fields},
+                      future=loop.create_future())
+        buffer = self.buffers[spec.table]
+        if buffer.has_room():
+            buffer.add(entry)
+        else:
+            try:
+                await buffer.put(entry, self.options.acquire_timeout + self.options.retry_budget)
+            except BufferFull as exc:
+                await self._park([entry], spec.table, "buffer_full", None, str(exc))
+        if not wait:
+            return entry.future.result() if entry.future.done() else STORED
+        return await entry.future
+
+    async def _park_bad(self, fields: Mapping[str, Any], owner: str, item_type: str,
+                        table: str | None, exc: BadItem) -> Outcome:
+        entry = Entry((), None, owner, payload={"item_type": item_type, "item": dict(fields)},
+                      future=asyncio.get_running_loop().create_future())
+        self.stats.inc_value(ad_stats.PG_BAD_ITEMS)
+        await self._park([entry], table, exc.reason, None, exc.detail)
+        return entry.future.result()
+
+    # ------------------------------------------------------------------ flush
+    def _flush_factory(self, table: Table) -> Callable[[list[Entry]], Any]:
+        async def flush(batch: list[Entry]) -> None:
+            started = time.monotonic()
+            winners, dropped = dedupe_last_wins(batch)
+            if dropped:
+                self.stats.inc_value(ad_stats.PG_DEDUP_DROPS, dropped)
+            await self._write(table, winners, started + self.options.retry_budget)
+            self._latency.add(time.monotonic() - started)
+            self.stats.set_value(ad_stats.PG_FLUSH_LATENCY_P99,
+                                 round(self._latency.quantile(0.99) or 0.0, 4))
+        return flush
+
+    def _flush_crashed(self, exc: BaseException, batch: list[Entry]) -> None:
+        logger.error("pg: flush failed unexpectedly: %s", scrub(repr(exc), self.dsn))
+        task = asyncio.get_running_loop().create_task(
+            self._park(batch, None, "internal_error", None, repr(exc)))
+        task.add_done_callback(lambda _t: None)
+
+    async def _write(self, table: Table, entries: list[Entry], budget_end: float) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._attempt(table, entries, budget_end)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                label = classify(exc)
+                message = scrub(str(exc) or type(exc).__name__, self.dsn)
+                if label is None and isinstance(exc, psycopg.Error):
+                    if len(entries) > 1 and (exc.sqlstate or "")[:2] in _ROW_LEVEL:
+                        self.stats.inc_value(ad_stats.PG_BATCH_SPLITS)
+                        for half in split_halves(entries):
+                            await self._write(table, half, budget_end)
+                        return
+                    await self._park(_flat(entries), table.spec.table, "db_error",
+                                     exc.sqlstate, message)
+                    return
+                if label is None:  # not a database error: a bug or bad data in adaptation
+                    if len(entries) > 1:
+                        self.stats.inc_value(ad_stats.PG_BATCH_SPLITS)
+                        for half in split_halves(entries):
+                            await self._write(table, half, budget_end)
+                        return
+                    await self._park(_flat(entries), table.spec.table, "write_error",
+                                     None, f"{type(exc).__name__}: {message}")
+                    return
+                self._count_retry(label)
+                now = time.monotonic()
+                pause = self._backoff.delay(attempt)
+                end = budget_end if self._soft_deadline is None else min(budget_end,
+                                                                          self._soft_deadline)
+                if attempt >= self.options.max_attempts or now + pause >= end:
+                    reason = "close_deadline" if self._soft_deadline and now + pause >= \
+                        self._soft_deadline else "retries_exhausted"
+                    await self._park(_flat(entries), table.spec.table, reason, label,
+                                     f"after {attempt} attempts: {message}")
+                    return
+                logger.info("pg: %s on %s (%d rows), retry %d in %.2fs", label,
+                            table.spec.table, len(entries), attempt, pause)
+                await asyncio.sleep(pause)
+                continue
+            self.stats.inc_value(ad_stats.PG_ROWS_UPSERTED, len(entries))
+            self.stats.inc_value(ad_stats.PG_BATCHES)
+            for winner in entries:
+                for entry in winner.entries():
+                    entry.settle(STORED)
+            return
+
+    def _count_retry(self, label: str) -> None:
+        self.stats.inc_value(ad_stats.PG_RETRIES)
+        self.stats.inc_value(ad_stats.family(ad_stats.PG_RETRIES_BY, sqlstate=label))
+        if label == "40P01":
+            self.stats.inc_value(ad_stats.PG_DEADLOCKS)
+        elif label == "55P03":
+            self.stats.inc_value(ad_stats.PG_LOCK_TIMEOUTS)
+
+    async def _attempt(self, table: Table, entries: list[Entry], budget_end: float) -> None:
+        assert self.pool is not None
+        opts = self.options
+        cols = tuple(sorted({c for e in entries for c in e.row},
+                            key=lambda c: (c not in table.spec.key_columns, c)))
+        token = next(self._tokens)
+        self.pool_view.waiting(token, entries[0].owner, f"flush:{table.spec.table}")
+        bound = opts.acquire_timeout + opts.statement_timeout + 2.0
+        if self._soft_deadline is not None:
+            bound = min(bound, max(0.1, self._soft_deadline - time.monotonic()))
+        try:
+            await asyncio.wait_for(self._transaction(table, entries, cols, token), bound)
+        finally:
+            self.pool_view.done(token)
+
+    async def _transaction(self, table: Table, entries: list[Entry], cols: tuple[str, ...],
+                           token: int) -> None:
+        assert self.pool is not None
+        opts = self.options
+        copy_sql, merge_sql = table.statements(cols)
+        asked = time.monotonic()
+        try:
+            conn = await self.pool.getconn(timeout=opts.acquire_timeout)
+        finally:  # a wait that timed out counts too
+            waited = time.monotonic() - asked
+            if waited > self._pool_wait_max:
+                self._pool_wait_max = waited
+                self.stats.set_value(ad_stats.PG_POOL_WAIT_MAX, round(waited, 4))
+        try:
+            self.pool_view.holding(token)
+            async with conn.transaction():
+                await conn.execute(sql.SQL(
+                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; "
+                    "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} "
+                    "WITH NO DATA").format(
+                        sql.Literal(int(opts.lock_timeout * 1000)),
+                        sql.Literal(int(opts.statement_timeout * 1000)),
+                        sql.Identifier("_antideadlock_stage"),
+                        sql.SQL(", ").join(map(sql.Identifier, cols)), table.ident))
+                async with conn.cursor().copy(copy_sql) as copy:
+                    for entry in entries:
+                        row = entry.row
+                        await copy.write_row([row.get(c) for c in cols])
+                await conn.execute(merge_sql)
+        finally:  # back to the pool at once: never held outside a flush
+            await self.pool.putconn(conn)
+
+    # ------------------------------------------------------------------ parking
+    async def _park(self, entries: list[Entry], table: str | None, reason: str,
+                    sqlstate: str | None, detail: str) -> None:
+        """Write unsettled ``entries`` to the dead-letter store and settle them (once)."""
+        todo = [e for e in entries if not e.settled]
+        if not todo:
+            return
+        for entry in todo:  # claim them, so a concurrent close does not park them twice
+            entry.settled = True
+        records = [{"reason": reason, "sqlstate": sqlstate, "detail": detail, "table": table,
+                    "owner": e.owner, "key": list(e.key), **(e.payload or {})} for e in todo]
+        outcome = Outcome(False, reason, detail)
+        try:
+            await asyncio.to_thread(self.deadletter.append, records)
+        except Exception as exc:  # noqa: BLE001 - must not lose them silently
+            self.stats.inc_value(ad_stats.PG_DEADLETTER_ERRORS, len(todo))
+            logger.error("pg: could not write %d rows to the dead-letter store %s (%r); "
+                         "keys: %s", len(todo), self.deadletter.path, exc,
+                         [r["key"] for r in records][:50])
+            outcome = Outcome(False, "deadletter_failed", f"{reason}: {detail}")
+        else:
+            self.stats.inc_value(ad_stats.PG_DEAD_LETTERED, len(todo))
+            self.stats.inc_value(ad_stats.family(ad_stats.PG_DEAD_LETTERED_BY, reason=reason),
+                                 len(todo))
+            logger.warning("pg: %d row(s) of %s dead-lettered (%s%s): %s", len(todo),
+                           table or "?", reason, f" {sqlstate}" if sqlstate else "", detail)
+        finally:  # also when cancelled at the close deadline: the append thread goes on
+            for entry in todo:
+                if entry.future is not None and not entry.future.done():
+                    entry.future.set_result(outcome)
+
+    # ------------------------------------------------------------------ close
+    async def close(self) -> None:
+        """Flush with a deadline; park whatever is left by then; close the pool (bounded)."""
+        if self._closed:
+            return
+        self._closed = True
+        timeout = self.options.close_timeout
+        start = time.monotonic()
+        hard = start + timeout
+        self._soft_deadline = hard - min(2.0, timeout * 0.2)
+        buffers = list(self.buffers.values())
+        for buffer in buffers:
+            buffer.flush_now()
+        if buffers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(b.drain() for b in buffers)),
+                                       max(0.0, hard - time.monotonic()))
+        leftovers: list[Entry] = []
+        tasks = []
+        for buffer in buffers:
+            pending, flushing = buffer.take_all()
+            leftovers += pending + flushing
+            if buffer.task is not None:
+                buffer.task.cancel()
+                tasks.append(buffer.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        if leftovers:
+            await self._park(leftovers, None, "close_deadline", None,
+                             f"not written within ANTIDEADLOCK_PG_CLOSE_TIMEOUT={timeout}s")
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(timeout=1.0), 3.0)
+        self.stats.set_value(ad_stats.PG_FLUSH_LATENCY_P99,
+                             round(self._latency.quantile(0.99) or 0.0, 4))
+
+
+def _flat(winners: list[Entry]) -> list[Entry]:
+    return [e for w in winners for e in w.entries()]
