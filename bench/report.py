@@ -1,0 +1,433 @@
+"""One command for every benchmark: ``python -m bench.report``.
+
+Runs each ``bench/<name>.py`` (overhead, hang_rate, pipeline, detect, playwright,
+recovery, timeline, and any other bench module) as ``python -m bench.<name>`` in its own
+process group, one after the other, each under a time bound; keeps its output in
+``bench/results/<name>.log``; collects its ``RESULT <name> <value> <unit> [# note]``
+lines (see bench/README.md); and writes ``bench/results/REPORT.md``: the headline
+ratios, every figure, the status of each benchmark (a missing or failed one is
+reported as such, never filled in) and the machine it ran on. ``bench.timeline`` draws
+``bench/results/hang_rate.png``.
+
+    python -m bench.report [--only a,b] [--skip a,b] [--bound SECONDS] [--reuse-logs]
+    python -m bench.report --report-only     # rewrite REPORT.md from the logs, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+
+#: Benchmarks in run order (the issues' headline figures); others found in bench/ follow.
+KNOWN = ["overhead", "hang_rate", "pipeline", "detect", "playwright", "recovery", "timeline"]
+#: Modules in bench/ that are not benchmarks.
+NOT_BENCHES = {"__init__", "__main__", "common", "report", "pngplot"}
+
+RESULT_RE = re.compile(
+    r"^RESULT\s+(?P<name>[a-z0-9_.]+)\s+(?P<value>\S+)\s+(?P<unit>\S+)\s*(?:#\s*(?P<note>.*))?$")
+
+#: Summary lines of benchmarks written before the RESULT convention: (bench, regex, name,
+#: unit, note). A RESULT line of the same name wins.
+LEGACY_PATTERNS: list[tuple[str, str, str, str, str]] = [
+    ("hang_rate", r"^hang_rate ratio plain\s*=\s*([0-9.]+)", "hang_rate.retained_plain", "ratio",
+     "items/min with 1 % hangs / fault-free, plain Scrapy"),
+    ("hang_rate", r"^hang_rate ratio pack\s*=\s*([0-9.]+)", "hang_rate.retained_pack", "ratio",
+     "items/min with 1 % hangs (pack) / plain fault-free"),
+    ("pipeline", r"^\(c\)/\(a\)\s*=\s*([0-9.]+)x", "pipeline.vs_naive", "x",
+     "pack pipeline / naive per-item autocommit upserts"),
+    ("pipeline", r"^\(c\)/\(b\)\s*=\s*([0-9.]+)x", "pipeline.vs_naive_batches", "x",
+     "pack pipeline / naive unsorted batches"),
+    ("pipeline", r"^\(c\)/\(d\)\s*=\s*([0-9.]+)", "pipeline.vs_copy", "ratio",
+     "pack pipeline / plain COPY into an empty table"),
+    ("pipeline", r"^deadlocks in \(c\):\s*([0-9]+)", "pipeline.deadlocks", "count",
+     "deadlocks seen by the pack pipeline"),
+    ("pipeline", r"^\(e\)/\(d\)\s*=\s*([0-9.]+)", "pipeline.buffered_vs_copy", "ratio",
+     "pack pipeline in buffered mode / plain COPY"),
+    ("pipeline", r"^\(f\)/\(d\)\s*=\s*([0-9.]+)", "pipeline.write_path_vs_copy", "ratio",
+     "pack pipeline's database side alone (5 000-row batches) / plain COPY"),
+]
+
+#: Headline rows: (label, figure name or prefix ending in "*", what "good" looks like).
+HEADLINES: list[tuple[str, str, str]] = [
+    ("Overhead: CPU per item, pack / plain", "overhead.cpu_per_item_ratio", "close to 1"),
+    ("Overhead: items/min, pack / plain", "overhead.throughput_ratio", "close to 1"),
+    ("1 % hang rate: throughput retained, plain Scrapy", "hang_rate.retained_plain", "—"),
+    ("1 % hang rate: throughput retained, with the pack", "hang_rate.retained_pack", ">= 0.95"),
+    ("Pipeline vs naive per-item upserts", "pipeline.vs_naive", ">= 20x"),
+    ("Pipeline vs naive unsorted batches", "pipeline.vs_naive_batches", "> 1x"),
+    ("Pipeline vs plain COPY (ceiling)", "pipeline.vs_copy", ">= 0.4"),
+    ("Pipeline deadlocks under contention", "pipeline.deadlocks", "0"),
+    ("Stall detection latency, watchdog", "detect.latency_*", "about the window W"),
+    ("Stall detection latency, CLOSESPIDER_TIMEOUT_NO_ITEM (-1 = never)", "detect.builtin_*",
+     "—"),
+    ("Watchdog CPU, share of the crawl's", "detect.own_cpu_share", "small"),
+    ("Playwright pages leaked (callbacks raise), stock handler",
+     "playwright.leaked_pages_plain", "—"),
+    ("Playwright pages leaked (callbacks raise), safe handler",
+     "playwright.leaked_pages_pack", "0"),
+    ("Playwright crawl completed (1) or hung (0), stock handler",
+     "playwright.completed_plain", "—"),
+    ("Playwright crawl completed (1) or hung (0), safe handler",
+     "playwright.completed_pack", "1"),
+    ("Playwright pages/min, safe / stock handler", "playwright.throughput_ratio", "close to 1"),
+    ("Items lost after SIGKILL + resume, pack + journal", "recovery.sigkill_lost_pack", "0"),
+    ("Items lost after SIGKILL + resume, plain JOBDIR", "recovery.sigkill_lost_plain", "—"),
+    ("Reachable items lost in a 10 % hang storm, pack", "recovery.storm_lost_pack", "0"),
+    ("Reachable items lost in a 10 % hang storm, plain", "recovery.storm_lost_plain", "—"),
+    ("10 % hang storm: throughput retained, pack", "recovery.storm_retained_pack", "—"),
+    ("10 % hang storm: throughput retained, plain", "recovery.storm_retained_plain", "—"),
+    ("Journal overhead (crawl time with / without)", "recovery.journal_overhead",
+     "close to 1"),
+    ("Timeline (60 s, 1 % hang): items, plain Scrapy", "timeline.items_plain", "—"),
+    ("Timeline (60 s, 1 % hang): items, with the pack", "timeline.items_pack", "more"),
+    ("Timeline: items/min in the 2nd half, plain Scrapy", "timeline.rate_late_plain", "—"),
+    ("Timeline: items/min in the 2nd half, with the pack", "timeline.rate_late_pack", "> 0"),
+]
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    note: str
+    bench: str
+
+
+@dataclass
+class Run:
+    bench: str
+    status: str  # ok | failed (exit N) | timed out | missing | skipped
+    seconds: float = 0.0
+    figures: list[Figure] = field(default_factory=list)
+    log: Path | None = None
+
+
+def discover() -> list[str]:
+    present = sorted(p.stem for p in BENCH.glob("*.py")
+                     if p.stem not in NOT_BENCHES and not p.stem.startswith("_"))
+    return [b for b in KNOWN if b in present] + [b for b in present if b not in KNOWN]
+
+
+def parse(bench: str, output: str) -> list[Figure]:
+    """The RESULT lines of ``output``, plus legacy summary lines not given as RESULT."""
+    figures: dict[str, Figure] = {}
+    for line in output.splitlines():
+        match = RESULT_RE.match(line.strip())
+        if not match:
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        figures[match["name"]] = Figure(match["name"], value, match["unit"],
+                                        (match["note"] or "").strip(), bench)
+    if bench == "playwright" and not figures:  # only for a version without RESULT lines
+        for fig in _playwright_rows(output):
+            figures.setdefault(fig.name, fig)
+    for owner, pattern, name, unit, note in LEGACY_PATTERNS:
+        if owner != bench or name in figures:
+            continue
+        for line in output.splitlines():
+            match = re.match(pattern, line.strip())
+            if match:
+                figures[name] = Figure(name, float(match[1]), unit, note + " (summary line)",
+                                       bench)
+    return list(figures.values())
+
+
+def _playwright_rows(output: str) -> list[Figure]:
+    """Figures from bench.playwright's JSON rows (it prints no RESULT lines yet)."""
+    out: list[Figure] = []
+    side = {"stock": "plain", "safe": "pack"}
+    for line in output.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            row = json.loads(line)
+            scenario, handler = row["scenario"], side[row["handler"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        what = f"{row['handler']} handler, scenario {scenario!r} (JSON row)"
+        out.append(Figure(f"playwright.completed_{scenario}_{handler}",
+                          1.0 if row.get("finished") else 0.0, "count",
+                          f"1 = crawl finished, 0 = hung until its bound; {what}", "playwright"))
+        if scenario == "raise" and row.get("open_pages_at_end") is not None:
+            out.append(Figure(f"playwright.leaked_pages_{handler}",
+                              float(row["open_pages_at_end"]), "count",
+                              f"pages open in the browser at the end; {what}", "playwright"))
+        if scenario == "contexts" and row.get("open_contexts_at_end") is not None:
+            out.append(Figure(f"playwright.leaked_contexts_{handler}",
+                              float(row["open_contexts_at_end"]), "count",
+                              f"contexts open in the browser at the end; {what}", "playwright"))
+    return out
+
+
+def run_bench(bench: str, bound: float) -> Run:
+    """``python -m bench.<bench>`` under ``bound`` seconds (its whole process group)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / f"{bench}.log"
+    env = dict(os.environ, BENCH_REPORT="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    began = time.monotonic()
+    print(f"== bench.{bench} (bound {bound:.0f} s) ...", flush=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", f"bench.{bench}"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(bound)
+            status = "ok" if code == 0 else f"failed (exit {code})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timed out after {bound:.0f} s"
+    seconds = time.monotonic() - began
+    figures = parse(bench, log.read_text(errors="replace"))
+    print(f"   {status} in {seconds:.0f} s, {len(figures)} figures", flush=True)
+    for fig in figures:
+        print(f"   {fig.name} = {fig.value:g} {fig.unit}", flush=True)
+    return Run(bench, status, seconds, figures, log)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _postgres_version() -> str:
+    try:
+        import psycopg
+
+        from scrapy_antideadlock.testing.postgres import resolve_dsn
+
+        dsn, cleanup = resolve_dsn(os.environ.get("ANTIDEADLOCK_TEST_PG_DSN") or None)
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+                return str(row[0]) if row else "unknown"
+        finally:
+            cleanup()
+    except Exception as exc:  # noqa: BLE001 - a description, never a failure
+        return f"unknown ({type(exc).__name__})"
+
+
+def _chromium_version() -> str:
+    try:
+        from scrapy_antideadlock.testing import find_chromium
+
+        path = find_chromium()
+        if path is None:
+            return "not found"
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+        return (out.stdout.strip() or out.stderr.strip().splitlines()[-1]) + f" ({path})"
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({type(exc).__name__})"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine(load_start: str, load_end: str) -> list[tuple[str, str]]:
+    return [
+        ("date (UTC)", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")),
+        ("CPU", f"{os.cpu_count()} × {_cpu_model()} (nproc {len(os.sched_getaffinity(0))})"),
+        ("memory", _memory()),
+        ("OS", f"{platform.system()} {platform.release()} ({platform.machine()})"),
+        ("Python", platform.python_version()),
+        ("Scrapy", _version("scrapy")),
+        ("Twisted", _version("twisted")),
+        ("scrapy-playwright / playwright",
+         f"{_version('scrapy-playwright')} / {_version('playwright')}"),
+        ("psycopg / psycopg-pool", f"{_version('psycopg')} / {_version('psycopg-pool')}"),
+        ("PostgreSQL server", _postgres_version()),
+        ("Chromium", _chromium_version()),
+        ("scrapy-antideadlock", f"{_version('scrapy-antideadlock')} (git {_git_commit()})"),
+        ("load average (1/5/15 min) at start / end", f"{load_start} — {load_end}"),
+    ]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(fig: Figure) -> str:
+    if math.isnan(fig.value):
+        return "n/a"
+    if fig.unit == "s" and fig.value == -1:  # convention of bench.detect: never fired
+        return "never"
+    if fig.unit == "count" or fig.value == int(fig.value) and abs(fig.value) >= 100:
+        text = f"{fig.value:,.0f}"
+    elif abs(fig.value) >= 100:
+        text = f"{fig.value:,.0f}"
+    else:
+        text = f"{fig.value:.3g}"
+    return {"x": f"{text}×", "ratio": text, "count": text}.get(fig.unit, f"{text} {fig.unit}")
+
+
+def _status_of(bench: str, runs: dict[str, Run]) -> str:
+    run = runs.get(bench)
+    if run is None:
+        return f"**missing** (no bench/{bench}.py)" if bench not in discover() else "not run"
+    if run.status.startswith("ok"):
+        return "not reported (bench ran, printed no such figure)"
+    return f"**{run.status}** (see `{bench}.log`)"
+
+
+def write_report(runs: dict[str, Run], machine_rows: list[tuple[str, str]],
+                 total: float) -> Path:
+    figures = {fig.name: fig for run in runs.values() for fig in run.figures}
+    when = (f"in {total / 60:.1f} min" if total > 0
+            else "from the logs of earlier runs (`--report-only`)")
+    lines = ["# Benchmark report", "",
+             f"Written by `python -m bench.report` {when} on the machine below. "
+             "Every figure is read from the benchmark's own output (`RESULT` lines, see "
+             "bench/README.md); a benchmark that is missing, failed or timed out is shown as "
+             "such, never estimated.", "",
+             "## Headline figures", "",
+             "| figure | value | target | what was compared | bench |",
+             "|---|---|---|---|---|"]
+    for label, name, target in HEADLINES:
+        bench = name.split(".", 1)[0]
+        if name.endswith("*"):
+            matches = sorted(n for n in figures if n.startswith(name[:-1]))
+            for n in matches:
+                fig = figures[n]
+                cls = n[len(name) - 1:]
+                lines.append(f"| {label}: {cls} | {_fmt(fig)} | {target} | {fig.note} | {bench} |")
+            if not matches:
+                lines.append(f"| {label} | — | {target} | {_status_of(bench, runs)} | {bench} |")
+            continue
+        fig = figures.get(name)
+        if fig is None:
+            lines.append(f"| {label} | — | {target} | {_status_of(bench, runs)} | {bench} |")
+        else:
+            lines.append(f"| {label} | {_fmt(fig)} | {target} | {fig.note} | {bench} |")
+    lines += ["", "## Items/min over time under a 1 % hang rate", ""]
+    if (RESULTS / "hang_rate.png").exists() and "timeline" in runs \
+            and runs["timeline"].status.startswith("ok"):
+        lines += ["![items/min over time, plain Scrapy vs the pack, 1 % of item URLs hang]"
+                  "(hang_rate.png)", "",
+                  "Fault site with log-normal latency (median 100 ms), 1 % of item URLs never "
+                  "answer; CONCURRENT_REQUESTS = 16; each crawl 60 s in its own process. "
+                  "Data: `timeline.csv`."]
+    else:
+        lines.append(f"Not drawn this run: {_status_of('timeline', runs)}.")
+    lines += ["", "## All figures", "", "| name | value | unit | note |", "|---|---|---|---|"]
+    for name in sorted(figures):
+        fig = figures[name]
+        lines.append(f"| `{name}` | {fig.value:g} | {fig.unit} | {fig.note} |")
+    lines += ["", "## Benchmarks run", "", "| bench | status | duration | log |",
+              "|---|---|---|---|"]
+    for bench in KNOWN + [b for b in runs if b not in KNOWN]:
+        run = runs.get(bench)
+        if run is None:
+            state = "missing (no module)" if bench not in discover() else "not run (--only/--skip)"
+            lines.append(f"| {bench} | {state} | — | — |")
+        else:
+            log = f"[{run.log.name}]({run.log.name})" if run.log else "—"
+            took = "—" if math.isnan(run.seconds) else f"{run.seconds:.0f} s"
+            lines.append(f"| {bench} | {run.status} | {took} | {log} |")
+    lines += ["", "## Machine", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in machine_rows]
+    lines += ["", "The machine is shared: other processes were running; the load average "
+              "above says how busy it was. Ratios measured in one invocation (plain and pack "
+              "alternating) are more trustworthy than absolute rates.", ""]
+    out = RESULTS / "REPORT.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated benches to run")
+    parser.add_argument("--skip", default="", help="comma-separated benches not to run")
+    parser.add_argument("--bound", type=float, default=900.0, help="seconds per benchmark")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite REPORT.md from the logs in bench/results")
+    parser.add_argument("--reuse-logs", action="store_true",
+                        help="for benches not run now, read their figures from the log of "
+                             "their last run in bench/results (marked as such in the report)")
+    args = parser.parse_args()
+    only = {b for b in args.only.split(",") if b}
+    skip = {b for b in args.skip.split(",") if b}
+    benches = [b for b in discover() if (not only or b in only) and b not in skip]
+    if args.report_only:
+        benches, args.reuse_logs = [], True
+    unknown = only - set(discover())
+    if unknown:
+        parser.error(f"no such benchmark: {', '.join(sorted(unknown))} (have {discover()})")
+    began = time.monotonic()
+    load_start = _load()
+    runs = {bench: run_bench(bench, args.bound) for bench in benches}
+    if args.reuse_logs:
+        for bench in discover():
+            log = RESULTS / f"{bench}.log"
+            if bench not in runs and log.exists():
+                when = dt.datetime.fromtimestamp(log.stat().st_mtime, dt.timezone.utc)
+                runs[bench] = Run(bench, f"ok (log of an earlier run, {when:%Y-%m-%d %H:%M} UTC)",
+                                  float("nan"), parse(bench, log.read_text(errors="replace")),
+                                  log)
+    total = time.monotonic() - began if benches else 0.0
+    loads = (load_start, _load()) if benches else ("n/a", "n/a (nothing run)")
+    out = write_report(runs, machine(*loads), total)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Demo project for scrapy-antideadlock: a normal Scrapy project using the pack via ADDONS."""
