@@ -1,0 +1,439 @@
+"""RequestJournal extension: resume a crawl after SIGKILL or a hard exit without a loss.
+
+JOBDIR survives only a clean close (FIELD-NOTES: a SIGKILL lost 171 of 400 URLs).
+This extension writes every request to a write-ahead journal
+(:mod:`scrapy_antideadlock.primitives.journal`) when it is scheduled, and marks it
+done only when its callback finished and its items passed the pipelines (seen by
+:mod:`scrapy_antideadlock.origin`). When the spider opens on an existing journal,
+every request not done is re-enqueued with ``dont_filter=True``.
+
+Beside JOBDIR: after a clean close JOBDIR's queue restores what it holds, so the
+journal replays only what JOBDIR cannot have (requests in flight at the close);
+after a crash it replays everything pending (duplicates cost a re-crawl, never a
+loss). Requests ``Request.to_dict`` cannot serialise (callbacks that are not spider
+methods) are journaled by URL and reported at the next start, not silently lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import pickle
+import secrets
+import time
+import weakref
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from scrapy import Request, signals
+from scrapy.crawler import Crawler
+from scrapy.exceptions import IgnoreRequest, NotConfigured
+from scrapy.utils.request import request_from_dict
+
+from . import settings as ad_settings
+from . import stats as ad_stats
+from .identity import strip_credentials
+from .origin import JOURNAL_KEY, origins_for
+from .primitives.deadletter import DeadLetterStore
+from .primitives.journal import Journal
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RequestJournal", "journal_for", "JOURNAL_KEY", "KEEP_PENDING"]
+
+#: Meta flag: the request ended cancelled and must stay pending (set on cancel).
+KEEP_PENDING = "antideadlock_journal_keep"
+#: Meta flag: the request was quarantined; its end is final (done).
+QUARANTINED = "antideadlock_quarantined"
+# Meta that means nothing in another process: absolute monotonic deadlines, live objects,
+# owner ids (made of the pid, which a restarted container reuses).
+_DROP_META = ("antideadlock_deadline", "antideadlock_id", "download_latency", "download_slot",
+              "playwright_page", KEEP_PENDING, "antideadlock_recovery_cancel")
+_SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
+_PICKLED = "$pickle"
+
+_instances: weakref.WeakKeyDictionary[Any, RequestJournal] = weakref.WeakKeyDictionary()
+
+
+def journal_for(crawler: Crawler) -> RequestJournal | None:
+    """The crawler's journal extension, or None when the journal is off."""
+    return _instances.get(crawler)
+
+
+def journal_dir(settings: Any) -> Path:
+    """The journal directory from the settings (explicit, else under JOBDIR)."""
+    conf = ad_settings.load(settings, "journal")
+    if conf.dir:
+        return Path(conf.dir)
+    jobdir = settings.get("JOBDIR")
+    if jobdir:
+        return Path(jobdir) / "antideadlock-journal"
+    raise ad_settings.SettingError("ANTIDEADLOCK_JOURNAL_DIR", "a directory path (or set JOBDIR)",
+                                   None, "the journal is enabled but has no directory")
+
+
+class RequestJournal:
+    """Write-ahead request journal, replayed when the spider opens."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        conf = ad_settings.load(crawler.settings, "journal")
+        if not conf.enabled or not ad_settings.get(crawler.settings, "ANTIDEADLOCK_ENABLED"):
+            raise NotConfigured("ANTIDEADLOCK_JOURNAL_ENABLED is off")
+        self.crawler = crawler
+        self.conf = conf
+        self.directory = journal_dir(crawler.settings)
+        self.jobdir = crawler.settings.get("JOBDIR")
+        self.journal = Journal(self.directory, fsync=conf.fsync,
+                               fsync_interval=conf.fsync_interval,
+                               lock_timeout=conf.lock_timeout,
+                               compact_min_bytes=conf.compact_min_bytes, autoflush=False)
+        self.stats = crawler.stats
+        self._run = secrets.token_hex(3)
+        self._seq = count(1)
+        self._owner: dict[str, weakref.ref[Request]] = {}
+        self._reached: set[str] = set()  # keys whose current request reached the downloader
+        self._prev_seen: set[str] = set()
+        self._warned_unserialisable = False
+        self._ticker: Any = None
+        self._compactions = 0
+        self._checked_origin = False
+        self._method_names: dict[Any, str] = {}  # spider function -> method name
+        self._flush_call: Any = None
+        self.unreplayable: list[str] = []
+        # Lock and read now, so a locked or unreadable journal stops the crawl at start
+        # with a named error (JournalLocked) instead of crawling without a journal.
+        self._state = self.journal.open()
+        last = self._state.markers[-1] if self._state.markers else {}
+        #: The previous run on this journal ended without a clean close (kill, hard exit).
+        self.previous_crashed = self._state.records > 0 and not last.get("clean")
+        self.jobdir_reset: list[str] = []
+        if self.previous_crashed and self.jobdir:
+            self._set_jobdir_aside()
+        _instances[crawler] = self
+        origins_for(crawler).on_request_finished(self._finished)
+        crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(self.request_scheduled, signal=signals.request_scheduled)
+        crawler.signals.connect(self.request_dropped, signal=signals.request_dropped)
+        crawler.signals.connect(self.request_reached, signal=signals.request_reached_downloader)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> RequestJournal:
+        return cls(crawler)
+
+    def _set_jobdir_aside(self) -> None:
+        """After a crash JOBDIR's queue can be unreadable (its pops fail for ever, so the
+        crawl never ends) and its seen-set holds requests that were never crawled (they
+        would be filtered): move both aside before the scheduler opens them. The journal
+        has every pending request and its own seen-set of done fingerprints."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for name in ("requests.queue", "requests.seen"):
+            path = Path(self.jobdir) / name
+            if path.exists():
+                aside = path.with_name(f"{name}.crashed-{stamp}")
+                path.rename(aside)
+                self.jobdir_reset.append(str(aside))
+        if self.jobdir_reset:
+            logger.warning("antideadlock journal: the previous run did not close cleanly, so "
+                           "JOBDIR's queue and seen-set are not reliable; moved aside (%s); "
+                           "the journal replays its %d pending requests instead",
+                           ", ".join(self.jobdir_reset), len(self._state.pending))
+
+    # ------------------------------------------------------------------ open / replay
+
+    def spider_opened(self, spider: Any) -> None:
+        state = self._state
+        pending = state.pending
+        self.stats.set_value(ad_stats.JOURNAL_PENDING_AT_START, len(pending))
+        if self.conf.skip_seen:
+            self._prev_seen = set(state.seen)
+        last = state.markers[-1] if state.markers else {}
+        left_to_jobdir: set[str] = set()
+        if self.jobdir and last.get("jobdir") and last.get("clean") \
+                and _jobdir_has_queue(self.jobdir):
+            left_to_jobdir = set(last.get("queued", ()))
+        replayed = 0
+        unreplayable: list[dict[str, Any]] = []
+        if self.conf.replay:
+            for key, record in pending.items():
+                if key in left_to_jobdir:
+                    continue
+                request = self._rebuild(record, spider)
+                if request is None:
+                    unreplayable.append(record)
+                    continue
+                if record.get("fp"):
+                    self._prev_seen.add(record["fp"])
+                self.crawler.engine.crawl(request)
+                replayed += 1
+        self.stats.set_value(ad_stats.JOURNAL_REPLAYED, replayed)
+        self.stats.set_value(ad_stats.JOURNAL_LEFT_TO_JOBDIR, len(left_to_jobdir & set(pending)))
+        if self.jobdir_reset:
+            self.stats.set_value(ad_stats.JOURNAL_JOBDIR_RESET, len(self.jobdir_reset))
+        if unreplayable:
+            self._report_unreplayable(unreplayable)
+        if pending:
+            logger.info("antideadlock journal %s: %d pending from a previous run, %d replayed, "
+                        "%d left to JOBDIR, %d not replayable", self.directory, len(pending),
+                        replayed, len(left_to_jobdir), len(unreplayable))
+        from scrapy.utils.asyncio import create_looping_call
+
+        self._ticker = create_looping_call(self._tick)
+        self._ticker.start(min(self.conf.fsync_interval, 1.0), now=False)
+
+    def _rebuild(self, record: dict[str, Any], spider: Any) -> Request | None:
+        payload = record.get("r")
+        if payload is None:
+            return None
+        try:
+            request = request_from_dict(_decode_payload(payload), spider=spider)
+        except Exception as exc:  # a renamed callback, a class that moved, ...
+            record["e"] = f"{type(exc).__name__}: {exc}"
+            return None
+        request.meta[JOURNAL_KEY] = record["k"]
+        return request.replace(dont_filter=True)
+
+    def _report_unreplayable(self, records: list[dict[str, Any]]) -> None:
+        self.stats.set_value(ad_stats.JOURNAL_UNREPLAYABLE, len(records))
+        urls = [record.get("u") or (record.get("r") or {}).get("url", "?") for record in records]
+        self.unreplayable = urls
+        logger.warning("antideadlock journal: %d pending requests cannot be replayed (callbacks "
+                       "that are not spider methods, or changed code); listed in %s. First: %s",
+                       len(records), self.directory / "unreplayable.jsonl", urls[:5])
+        DeadLetterStore(self.directory / "unreplayable.jsonl",
+                        lock_timeout=self.conf.lock_timeout).append(
+            {"url": url, "error": record.get("e", ""), "key": record["k"]}
+            for url, record in zip(urls, records, strict=True))
+        for record in records:  # reported and parked: do not report again next start
+            self.journal.done(record["k"], record.get("fp", ""))
+
+    # ------------------------------------------------------------------ signals (plain functions)
+
+    def request_scheduled(self, request: Request, spider: Any = None) -> None:
+        if not self.journal.is_open:
+            return
+        meta = request.meta
+        meta.pop(KEEP_PENDING, None)
+        key = meta.get(JOURNAL_KEY)
+        fp = self.crawler.request_fingerprinter.fingerprint(request).hex()
+        if key is None:
+            if self._prev_seen and not request.dont_filter and fp in self._prev_seen:
+                self.stats.inc_value(ad_stats.JOURNAL_SKIPPED_SEEN)
+                raise IgnoreRequest("done or replayed in a previous run (journal)")
+            key = meta[JOURNAL_KEY] = f"{self._run}.{next(self._seq)}"
+        self._owner[key] = weakref.ref(request)
+        self._reached.discard(key)
+        payload, error = self._serialise(request)
+        url = strip_credentials(request.url) if payload is None else ""  # else in payload
+        self.journal.scheduled(key, fp, payload, url=url, error=error)
+        self.stats.inc_value(ad_stats.JOURNAL_SCHEDULED)
+        self._flush_soon()
+
+    def _serialise(self, request: Request) -> tuple[dict[str, Any] | None, str]:
+        try:
+            data = _to_dict(request, self.crawler.spider, self._method_names)
+            return _encode_payload(data), ""
+        except Exception as exc:
+            self.stats.inc_value(ad_stats.JOURNAL_UNSERIALISABLE)
+            if not self._warned_unserialisable:
+                self._warned_unserialisable = True
+                logger.warning("antideadlock journal: %s cannot be serialised (%s); it is "
+                               "journaled by URL only and will be reported at a resume",
+                               strip_credentials(request.url), exc)
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def request_dropped(self, request: Request, spider: Any = None) -> None:
+        self._finish(request, dropped=True)
+
+    def request_reached(self, request: Request, spider: Any = None) -> None:
+        key = request.meta.get(JOURNAL_KEY)
+        if key is not None and self._is_owner(key, request):
+            self._reached.add(key)
+
+    def _finished(self, request: Request) -> None:
+        self._finish(request)
+
+    def _finish(self, request: Request, dropped: bool = False) -> None:
+        if not self.journal.is_open:
+            return
+        meta = request.meta
+        key = meta.get(JOURNAL_KEY)
+        if key is None or not self._is_owner(key, request):
+            return  # superseded by a retry/redirect/requeue copy, or not journaled
+        self._owner.pop(key, None)
+        self._reached.discard(key)
+        if meta.get(KEEP_PENDING) and not meta.get(QUARANTINED) and not dropped:
+            self.stats.inc_value(ad_stats.JOURNAL_KEPT_PENDING)
+            return
+        if self.journal.done(key):
+            self.stats.inc_value(ad_stats.JOURNAL_DONE)
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """One ``write`` per event-loop turn for everything journaled in it."""
+        if self._flush_call is None:
+            from twisted.internet import reactor
+
+            self._flush_call = reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self.journal.is_open:
+            self.journal.flush()
+
+    def _is_owner(self, key: str, request: Request) -> bool:
+        ref = self._owner.get(key)
+        owner = ref() if ref is not None else None
+        return owner is None or owner is request
+
+    def mark_done(self, request: Request) -> None:
+        """Mark ``request`` finished for good (e.g. quarantined) whatever its owner state."""
+        key = request.meta.get(JOURNAL_KEY)
+        if key is not None and self.journal.is_open and self.journal.done(key):
+            self.stats.inc_value(ad_stats.JOURNAL_DONE)
+            self._flush_soon()
+
+    # ------------------------------------------------------------------ durability
+
+    def _tick(self) -> None:
+        self.journal.tick()
+        if not self._checked_origin:
+            self._checked_origin = True
+            if not origins_for(self.crawler).hooked:
+                logger.error("antideadlock journal: ItemOriginMiddleware is not enabled, so no "
+                             "request is ever marked done and a resume re-crawls everything; "
+                             "add it to SPIDER_MIDDLEWARES (the add-on does)")
+        compactions = self.journal.counters["compactions"]
+        if compactions != self._compactions:
+            self.stats.set_value(ad_stats.JOURNAL_COMPACTIONS, compactions)
+            self._compactions = compactions
+
+    def save(self) -> int:
+        """fsync now (before a close or a hard exit); return how many requests are pending."""
+        if self.journal.is_open:
+            self.journal.sync()
+        return len(self.journal.pending_keys())
+
+    def save_from_thread(self) -> None:
+        """fsync from another thread (hard exit while the loop is blocked).
+
+        Records reach the kernel once per event-loop turn, so it has them already except
+        the current turn's (a suffix: losing it re-crawls, never loses); this only adds
+        durability against power loss. Never raises.
+        """
+        fd = self.journal._fd
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+
+    def spider_closed(self, spider: Any, reason: str = "") -> None:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if not self.journal.is_open:
+            return
+        pending = self.journal.pending_keys()
+        self.stats.set_value(ad_stats.JOURNAL_PENDING_AT_CLOSE, len(pending))
+        self.stats.set_value(ad_stats.JOURNAL_COMPACTIONS, self.journal.counters["compactions"])
+        if reason == "finished" and not pending:
+            self.journal._seen.clear()  # a finished job: the next run starts afresh
+            self.journal.compact()
+            self.journal.marker(clean=True, reason=reason, jobdir=bool(self.jobdir), queued=[])
+        else:
+            queued = [key for key in pending if key not in self._reached] if self.jobdir else []
+            self.journal.marker(clean=True, reason=reason, jobdir=bool(self.jobdir),
+                                queued=queued)
+        self.journal.close()
+
+
+def _to_dict(request: Request, spider: Any, names: dict[Any, str]) -> dict[str, Any]:
+    """``request.to_dict(spider=spider)``, with the callback-name lookup cached.
+
+    Scrapy finds a callback's name with ``inspect.getmembers(spider)`` on every call
+    (most of the journal's cost per request); a spider's methods do not change, so the
+    name found for a function is remembered. Anything unusual takes Scrapy's path.
+    """
+    found: list[Any] = []
+    for func in (request.callback, request.errback):
+        if not callable(func):
+            found.append(func)
+            continue
+        key = getattr(func, "__func__", None)
+        name = names.get(key) if getattr(func, "__self__", None) is spider else None
+        if name is None:
+            data = request.to_dict(spider=spider)  # raises for non-spider callbacks
+            for fn, field in ((request.callback, "callback"), (request.errback, "errback")):
+                if callable(fn) and getattr(fn, "__self__", None) is spider:
+                    names[fn.__func__] = data[field]
+            return data
+        found.append(name)
+    data = {"url": request.url, "callback": found[0], "errback": found[1],
+            "headers": dict(request.headers)}
+    for attr in request.attributes:
+        data.setdefault(attr, getattr(request, attr))
+    if type(request) is not Request:
+        data["_class"] = request.__module__ + "." + request.__class__.__name__
+    return data
+
+
+def keep_pending(request: Request) -> None:
+    """Mark ``request`` so that its (cancelled) end leaves it pending in the journal."""
+    request.meta[KEEP_PENDING] = True
+
+
+def _jobdir_has_queue(jobdir: str) -> bool:
+    return (Path(jobdir) / "requests.queue").is_dir()
+
+
+def _encode_payload(data: dict[str, Any]) -> dict[str, Any]:
+    meta = data["meta"] = dict(data.get("meta") or {})  # to_dict shares the live meta
+    for name in _DROP_META:
+        meta.pop(name, None)
+    for name in ("meta", "cb_kwargs"):
+        mapping = data.get(name)
+        if mapping:
+            data[name] = {k: _jsonable(v) for k, v in mapping.items()}
+    headers = data.get("headers")
+    if headers:
+        data["headers"] = {
+            _text(k): [_text(v) for v in values]
+            for k, values in headers.items()
+            if (k if isinstance(k, bytes) else str(k).encode()).title() not in _SECRET_HEADERS}
+    body = data.get("body")
+    if isinstance(body, bytes):
+        data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
+    json.dumps(data)  # raises TypeError now rather than when writing
+    return data
+
+
+def _decode_payload(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    for name in ("meta", "cb_kwargs"):
+        if data.get(name):
+            data[name] = {k: _restore(v) for k, v in data[name].items()}
+    data["body"] = _restore(data.get("body") or b"")
+    if isinstance(data["body"], str):
+        data["body"] = data["body"].encode()
+    return data
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return {_PICKLED: base64.b64encode(pickle.dumps(value)).decode()}
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {_PICKLED}:
+        return pickle.loads(base64.b64decode(value[_PICKLED]))
+    return value
+
+
+def _text(value: Any) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)

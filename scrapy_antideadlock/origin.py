@@ -1,0 +1,154 @@
+"""Which request produced each item, and when a request is really done.
+
+A request is *done* (DESIGN "Durability") only when its callback (or errback)
+finished AND every item it yielded passed the pipelines (scraped, dropped or
+errored; pipelines return only after commit). That is the moment Scrapy's engine
+drops the request from its in-progress set: ``Scraper.enqueue_scrape`` awaits the
+callback and every item, then the engine calls ``_slot.remove_request(request)``.
+There is no public signal for it, so :class:`ItemOriginMiddleware` wraps that one
+method of the engine slot (checked at open; if the layout ever changes it logs an
+error and the journal degrades to re-crawling, never to losing).
+
+The spider middleware part tags each item with its request's owner id
+(:meth:`OriginTracker.owner_of`, for the pipeline's wait-for graph), and gives
+requests yielded by a callback their own identity: a callback that passes
+``meta=response.meta`` would otherwise copy its parent's owner id and journal key.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from scrapy import Request, signals
+from scrapy.crawler import Crawler
+from scrapy.http import Response
+
+from .identity import META_KEY as OWNER_META_KEY
+from .identity import request_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ItemOriginMiddleware", "OriginTracker", "origins_for", "JOURNAL_KEY"]
+
+#: Meta key of the journal record of a request (set by the journal extension).
+JOURNAL_KEY = "antideadlock_journal_key"
+_CHILD_RESET = (OWNER_META_KEY, JOURNAL_KEY)
+
+
+class OriginTracker:
+    """Crawler-scoped: item -> owner id, and "request done" callbacks."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, str] = {}  # id(item) -> owner; items may be unhashable dicts
+        self._done: list[Callable[[str], Any]] = []
+        self._finished: list[Callable[[Request], Any]] = []
+        self.hooked = False  # True once request completion is observed
+
+    def owner_of(self, item: Any) -> str | None:
+        """Request id of the response that produced ``item`` (until it left the pipelines)."""
+        return self._owners.get(id(item))
+
+    def on_request_done(self, callback: Callable[[str], Any]) -> None:
+        """``callback(request_id)`` when a request's callback and all its items finished."""
+        self._done.append(callback)
+
+    def on_request_finished(self, callback: Callable[[Request], Any]) -> None:
+        """Like :meth:`on_request_done` but with the request object (the journal needs meta)."""
+        self._finished.append(callback)
+
+    # -- fed by the middleware -------------------------------------------------------
+
+    def tag(self, item: Any, request: Request) -> None:
+        self._owners[id(item)] = request_id(request)
+
+    def untag(self, item: Any) -> None:
+        self._owners.pop(id(item), None)
+
+    def finished(self, request: Request) -> None:
+        for callback in self._finished:
+            try:
+                callback(request)
+            except Exception:
+                logger.exception("request-finished callback %r failed", callback)
+        if self._done:
+            rid = request_id(request)
+            for done in self._done:
+                try:
+                    done(rid)
+                except Exception:
+                    logger.exception("request-done callback %r failed", done)
+
+
+_trackers: weakref.WeakKeyDictionary[Any, OriginTracker] = weakref.WeakKeyDictionary()
+
+
+def origins_for(crawler: Crawler) -> OriginTracker:
+    """The crawler's tracker (created on first use; the middleware feeds it)."""
+    tracker = _trackers.get(crawler)
+    if tracker is None:
+        tracker = _trackers[crawler] = OriginTracker()
+    return tracker
+
+
+class ItemOriginMiddleware:
+    """Spider middleware: tag items with their owner; observe request completion."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.tracker = origins_for(crawler)
+        for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
+            crawler.signals.connect(self._item_left, signal=signal)
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> ItemOriginMiddleware:
+        return cls(crawler)
+
+    def _item_left(self, item: Any, **kwargs: Any) -> None:
+        self.tracker.untag(item)
+
+    def _spider_opened(self, spider: Any = None) -> None:
+        if self.tracker.hooked:
+            return
+        slot = getattr(self.crawler.engine, "_slot", None)
+        original = getattr(slot, "remove_request", None)
+        if slot is None or original is None or not hasattr(slot, "inprogress"):
+            logger.error("scrapy-antideadlock: cannot observe request completion in this "
+                         "Scrapy version; the journal will re-crawl finished requests")
+            return
+        tracker = self.tracker
+
+        def remove_request(request: Request) -> None:
+            if request in slot.inprogress:
+                tracker.finished(request)
+            original(request)
+
+        slot.remove_request = remove_request
+        tracker.hooked = True
+
+    # -- spider middleware -----------------------------------------------------------
+
+    def _handle(self, response: Response, element: Any) -> Any:
+        parent = response.request
+        if isinstance(element, Request):
+            if parent is not None and element is not parent:
+                meta = element.meta
+                for key in _CHILD_RESET:
+                    if key in meta and meta[key] == parent.meta.get(key):
+                        del meta[key]
+        elif element is not None and parent is not None:
+            self.tracker.tag(element, parent)
+        return element
+
+    def process_spider_output(self, response: Response, result: Iterable[Any]
+                              ) -> Iterable[Any]:
+        for element in result:
+            yield self._handle(response, element)
+
+    async def process_spider_output_async(self, response: Response,
+                                          result: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for element in result:
+            yield self._handle(response, element)

@@ -1,0 +1,365 @@
+"""A crash-safe request journal: write-ahead, at-least-once (DESIGN "Durability").
+
+Each request is recorded when it is *scheduled* and marked *done* only after its
+callback finished and its items were stored. The file is append-only JSONL, written
+with one ``os.write`` per batch on an ``O_APPEND`` descriptor (``autoflush``: per
+record; else the caller flushes, e.g. once per event-loop turn), so a crash (SIGKILL,
+``os._exit``, power loss) can only lose a suffix of the records: a child request is
+always appended before its parent's "done", so losing a suffix re-crawls, never loses. Replay = scheduled - done, in append order (a key
+scheduled again after "done" is pending again).
+
+Records (one JSON object per line, field ``t`` is the type)::
+
+    {"t": "s", "k": key, "fp": fingerprint, "r": {request dict} | null, "u": url, "e": error}
+    {"t": "d", "k": key, "fp": fingerprint}
+    {"t": "seen", "fps": [fingerprint, ...]}     # done fingerprints kept by compaction
+    {"t": "m", ...}                              # markers (e.g. clean close beside JOBDIR)
+
+Growth is bounded by compaction: the pending records and the done fingerprints are
+rewritten to a temporary file, fsynced and renamed over the journal (then the
+directory is fsynced), so a crash during compaction leaves either the old or the new
+file, both complete. One process at a time: an exclusive ``flock`` on ``lock``, taken
+with a timeout that ends in :class:`JournalLocked` naming the holder.
+
+No Scrapy import: payloads are plain dicts (``Request.to_dict()`` on the Scrapy side).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Journal", "JournalError", "JournalLocked", "ReplayState", "FSYNC_POLICIES"]
+
+FSYNC_POLICIES = ("always", "interval", "never")
+JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "lock"
+
+
+class JournalError(Exception):
+    """The journal directory cannot be used."""
+
+
+class JournalLocked(JournalError):
+    """Another process holds the journal's lock past the lock timeout."""
+
+    def __init__(self, path: Path, timeout: float, holder: str) -> None:
+        self.path, self.timeout, self.holder = path, timeout, holder
+        super().__init__(f"journal {path} is locked by {holder or 'another process'} "
+                         f"(waited {timeout:.1f}s); is another crawl using this directory?")
+
+
+@dataclass
+class ReplayState:
+    """What a previous run left: pending records (in first-scheduled order) and markers."""
+
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)  # fingerprints of done requests
+    markers: list[dict[str, Any]] = field(default_factory=list)
+    records: int = 0
+    torn: int = 0  # unreadable lines skipped (a torn tail after a crash)
+
+
+class Journal:
+    """An append-only request journal in ``directory`` (created if missing).
+
+    Use from one thread (the event loop); :meth:`stats` may be read from any thread.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: str = "interval",
+                 fsync_interval: float = 1.0, lock_timeout: float = 10.0,
+                 compact_min_bytes: int = 4 << 20, compact_ratio: float = 4.0,
+                 keep_seen: bool = True, autoflush: bool = True) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        self.directory = Path(directory)
+        self.path = self.directory / JOURNAL_FILE
+        self.fsync_policy = fsync
+        self.fsync_interval = fsync_interval
+        self.lock_timeout = lock_timeout
+        self.compact_min_bytes = compact_min_bytes
+        self.compact_ratio = compact_ratio
+        self.keep_seen = keep_seen
+        # autoflush=False: records wait in memory until flush() (the caller flushes once per
+        # event-loop turn). Losing that buffer in a crash loses a suffix: a re-crawl only.
+        self.autoflush = autoflush or fsync == "always"
+        self._buffer: list[bytes] = []
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._pending: dict[str, bytes] = {}  # key -> encoded "s" line (latest)
+        self._pending_fp: dict[str, str] = {}
+        self._live = 0  # bytes of the pending lines (compaction trigger, kept incrementally)
+        self._seen: set[str] = set()
+        self._size = 0
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+        self.counters = {"scheduled": 0, "done": 0, "compactions": 0, "fsyncs": 0}
+
+    # ------------------------------------------------------------------ open / close
+
+    def open(self) -> ReplayState:
+        """Lock the directory, read what a previous run left, compact it, and return it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire_lock()
+        try:
+            state = self._read()
+            for key, record in state.pending.items():
+                self._set_pending(key, _encode(record), record.get("fp", ""))
+            self._seen = set(state.seen) if self.keep_seen else set()
+            # Markers speak to the next start only (e.g. "JOBDIR holds these"): once read,
+            # they are dropped, so a crash of this run cannot make the next one trust them.
+            self._rewrite([])
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            self._release_lock()
+            raise
+        return state
+
+    def close(self) -> None:
+        """Flush, fsync and release the lock (safe to call twice)."""
+        if self._fd is not None:
+            self.flush()
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
+        self._release_lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    # ------------------------------------------------------------------ writing
+
+    def scheduled(self, key: str, fp: str, payload: dict[str, Any] | None, *,
+                  url: str = "", error: str = "") -> None:
+        """Record that ``key`` was scheduled; ``payload`` None = cannot be replayed."""
+        record: dict[str, Any] = {"t": "s", "k": key, "fp": fp, "r": payload}
+        if url:
+            record["u"] = url
+        if error:
+            record["e"] = error
+        line = _encode(record)
+        self._append(line)
+        self._set_pending(key, line, fp)
+        self.counters["scheduled"] += 1
+
+    def done(self, key: str, fp: str = "") -> bool:
+        """Record that ``key`` finished; False (nothing written) if it was not pending."""
+        if key not in self._pending:
+            return False
+        fp = fp or self._pending_fp.get(key, "")
+        self._append(_encode({"t": "d", "k": key, "fp": fp}))
+        self._live -= len(self._pending.pop(key))
+        self._pending_fp.pop(key, None)
+        if fp and self.keep_seen:
+            self._seen.add(fp)
+        self.counters["done"] += 1
+        self.maybe_compact()
+        return True
+
+    def _set_pending(self, key: str, line: bytes, fp: str) -> None:
+        old = self._pending.pop(key, None)
+        self._live += len(line) - (len(old) if old is not None else 0)
+        self._pending[key] = line
+        self._pending_fp[key] = fp
+
+    def marker(self, **fields: Any) -> None:
+        """Append a marker record (e.g. ``clean_close``) and fsync it."""
+        self._append(_encode({"t": "m", **fields}))
+        self.sync()
+
+    def flush(self) -> None:
+        """Write the buffered records with one ``write``."""
+        if self._buffer and self._fd is not None:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            _write_all(self._fd, data)
+            self._unsynced = True
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def sync(self) -> None:
+        """Flush, then fsync if anything was written since the last fsync."""
+        self.flush()
+        if self._fd is not None and self._unsynced:
+            os.fsync(self._fd)
+            self._unsynced = False
+            self.counters["fsyncs"] += 1
+        self._last_sync = time.monotonic()
+
+    def tick(self) -> None:
+        """Call periodically: fsync under the "interval" policy."""
+        if self.fsync_policy == "interval" and \
+                time.monotonic() - self._last_sync >= self.fsync_interval:
+            self.sync()
+
+    def _append(self, line: bytes) -> None:
+        if self._fd is None:
+            raise JournalError(f"journal {self.path} is not open")
+        self._size += len(line)
+        if not self.autoflush:
+            self._buffer.append(line)
+            return
+        _write_all(self._fd, line)
+        self._unsynced = True
+        if self.fsync_policy == "always":
+            self.sync()
+
+    # ------------------------------------------------------------------ compaction
+
+    def maybe_compact(self) -> bool:
+        """Compact when the file is over ``compact_min_bytes`` and ``compact_ratio`` x live."""
+        if self._size < self.compact_min_bytes:
+            return False
+        live = self._live + 48 * len(self._seen)
+        if self._size < self.compact_ratio * max(live, 1):
+            return False
+        self.compact()
+        return True
+
+    def compact(self) -> None:
+        """Rewrite pending records and done fingerprints atomically (temp, fsync, rename)."""
+        self._buffer.clear()  # everything buffered is in the in-memory state rewritten below
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._rewrite([])
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.counters["compactions"] += 1
+
+    def _rewrite(self, markers: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        chunks: list[bytes] = []
+        seen = sorted(self._seen)
+        for start in range(0, len(seen), 1000):
+            chunks.append(_encode({"t": "seen", "fps": seen[start:start + 1000]}))
+        chunks.extend(self._pending.values())
+        chunks.extend(_encode(m) for m in markers)
+        data = b"".join(chunks)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        _fsync_dir(self.directory)
+        self._size = len(data)
+        self._unsynced = False
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self) -> ReplayState:
+        state = ReplayState()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return state
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # b"" if the file ends with a newline, else a torn record
+        if tail:
+            state.torn += 1
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                kind = record["t"]
+            except (ValueError, KeyError, TypeError):
+                state.torn += 1
+                continue
+            state.records += 1
+            if kind == "s":
+                key = record["k"]
+                state.pending.pop(key, None)  # re-scheduled: latest payload, moved last
+                state.pending[key] = record
+            elif kind == "d":
+                state.pending.pop(record["k"], None)
+                if record.get("fp"):
+                    state.seen.add(record["fp"])
+            elif kind == "seen":
+                state.seen.update(record.get("fps", ()))
+            elif kind == "m":
+                state.markers.append(record)
+        return state
+
+    # ------------------------------------------------------------------ introspection
+
+    def pending_keys(self) -> list[str]:
+        return list(self._pending)
+
+    def is_pending(self, key: str) -> bool:
+        return key in self._pending
+
+    def seen(self) -> set[str]:
+        return self._seen
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "pending": len(self._pending), "bytes": self._size}
+
+    # ------------------------------------------------------------------ lock
+
+    def _acquire_lock(self) -> int:
+        path = self.directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.lock_timeout
+        pause = 0.01
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise JournalLocked(path, self.lock_timeout, holder) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_pending(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The pending records of a journal directory, without locking it (for tools/tests)."""
+    journal = Journal(directory)
+    return list(journal._read().pending.values())
+
+
+def iter_urls(records: Iterable[dict[str, Any]]) -> list[str]:
+    """URL of each record (from the request dict, else the ``u`` field)."""
+    return [(r.get("r") or {}).get("url") or r.get("u", "") for r in records]
