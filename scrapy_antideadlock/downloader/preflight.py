@@ -1,0 +1,47 @@
+"""Preflight: warn at start when concurrency exceeds a pool (the seed's W_active > C_max)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..primitives import Registry
+
+if TYPE_CHECKING:
+    from .core import DownloadGuard
+
+logger = logging.getLogger(__name__)
+
+
+def preflight_rows(guard: DownloadGuard) -> list[tuple[str, int, str, int, str]]:
+    """(setting, value, pool, capacity, consequence) for every concurrency above a pool."""
+    settings = guard.crawler.settings
+    total = settings.getint("CONCURRENT_REQUESTS")
+    per_domain = settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN")
+    per_ip = settings.getint("CONCURRENT_REQUESTS_PER_IP")
+    rows = []
+    for snap in Registry.for_owner(guard.crawler).snapshot():
+        if snap.capacity <= 0:
+            continue
+        checks = [("CONCURRENT_REQUESTS", total)]
+        if snap.kind == "proxy":
+            checks.append(("CONCURRENT_REQUESTS_PER_IP" if per_ip else
+                           "CONCURRENT_REQUESTS_PER_DOMAIN", per_ip or per_domain))
+        for name, value in checks:
+            if value > snap.capacity:
+                rows.append((name, value, f"{snap.kind}:{snap.name}", snap.capacity,
+                             f"up to {value - snap.capacity} requests wait for a unit"))
+    return rows
+
+
+def preflight(guard: DownloadGuard) -> None:
+    rows = preflight_rows(guard)
+    if not rows:
+        return
+    head = ("setting", "value", "pool", "capacity", "consequence")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+             for row in [head, *rows]]
+    logger.warning("scrapy-antideadlock preflight: concurrency exceeds pool capacity; "
+                   "requests will queue for it (bounded by their deadline):\n%s",
+                   "\n".join(lines))
