@@ -36,12 +36,60 @@ class Component:
 # Components register themselves here (one line each, kept in priority order per setting).
 COMPONENTS: list[Component] = [
     # ---- downloader (deadline + proxy leases) ----
+    # Before DownloadTimeoutMiddleware (350): it must see the user's own download_timeout.
+    Component("DOWNLOADER_MIDDLEWARES", "scrapy_antideadlock.downloader.DeadlineMiddleware", 340,
+              "ANTIDEADLOCK_ENABLED", (),
+              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_DEADLINE_ENABLED")
+                             or ad_settings.get(s, "ANTIDEADLOCK_PROXY_LIST"))),
     # ---- pipeline ----
+    Component("ITEM_PIPELINES", "scrapy_antideadlock.pipeline.PostgresUpsertPipeline", 800,
+              "ANTIDEADLOCK_PG_ENABLED", ("psycopg", "psycopg_pool"),
+              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_PG_DSN"))),
     # ---- watchdog ----
+    Component("EXTENSIONS", "scrapy_antideadlock.watchdog.Watchdog", 100,
+              "ANTIDEADLOCK_WATCHDOG_ENABLED"),
+    # ---- journal / health / recovery (watchdog part 2) ----
+    Component("SPIDER_MIDDLEWARES", "scrapy_antideadlock.origin.ItemOriginMiddleware", 10,
+              "ANTIDEADLOCK_ENABLED"),
+    Component("EXTENSIONS", "scrapy_antideadlock.journal.RequestJournal", 110,
+              "ANTIDEADLOCK_JOURNAL_ENABLED"),
+    Component("EXTENSIONS", "scrapy_antideadlock.recovery.Recovery", 120,
+              "ANTIDEADLOCK_ENABLED",
+              when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off"),
+    # Below DeadlineMiddleware (340): process_exception reaches it after the deadline's.
+    Component("DOWNLOADER_MIDDLEWARES", "scrapy_antideadlock.recovery.RecoveryMiddleware", 330,
+              "ANTIDEADLOCK_ENABLED",
+              when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off"),
+    Component("EXTENSIONS", "scrapy_antideadlock.health.HealthExtension", 130,
+              "ANTIDEADLOCK_ENABLED"),
 ]
 
 # Functions that adjust settings beyond a dict entry (e.g. wrapping DOWNLOAD_HANDLERS).
 CONFIGURERS: list[Callable[[Any], None]] = []
+
+
+# ---- downloader: wrap DOWNLOAD_HANDLERS (keep it the last configurer, so it wraps the
+# handlers other configurers install, e.g. the safe Playwright handler) ----
+def _wrap_download_handlers(settings: Any) -> None:
+    from .downloader import configure_download_handlers
+
+    configure_download_handlers(settings)
+
+
+CONFIGURERS.append(_wrap_download_handlers)
+
+
+# ---- playwright: swap scrapy-playwright's handler for the safe subclass (runs first, so the
+# downloader's configurer above then wraps the safe handler) ----
+def _use_safe_playwright(settings: Any) -> None:
+    if importlib.util.find_spec("scrapy_playwright") is None:
+        return  # optional dependency not installed: nothing to swap
+    from .playwright import configure_download_handlers
+
+    configure_download_handlers(settings)
+
+
+CONFIGURERS.insert(0, _use_safe_playwright)
 
 
 class Addon:

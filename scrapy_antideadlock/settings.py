@@ -112,6 +112,12 @@ def non_negative_int(value: Any) -> int:
     return number
 
 
+def optional_non_negative_int(value: Any) -> int | None:
+    if value is None or value == "" or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    return non_negative_int(value)
+
+
 def text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError("not a string")
@@ -232,20 +238,234 @@ _define("deadline", "DEADLINE_MIN_SAMPLES", 20, positive_int, "an integer >= 1",
 _define("deadline", "DEADLINE_WINDOW", 2000, positive_int, "an integer >= 1",
         "Samples per histogram generation: p99 reflects the last 1-2 windows.")
 
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError("not a whole number")
+    return int(value)
+
+
+def _min_one_float(value: Any) -> float:
+    number = positive_float(value)
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
+
+
+def _int_list(value: Any) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        return [_integer(v) for v in value]
+    return [int(v) for v in string_list(value)]
+
+
+_define("deadline", "DEADLINE_RETRY_PRIORITY_ADJUST", -10, _integer, "an integer",
+        "Priority change of a request retried after DeadlineExceeded/ProxyLeaseTimeout "
+        "(negative: later, behind fresh work).")
+_define("deadline", "DEADLINE_RETRY_BACKOFF", 2.0, _min_one_float, "a number >= 1",
+        "Each deadline retry gets the adaptive deadline x this (per attempt), still <= MAX.")
+_define("deadline", "DEADLINE_LEND", True, as_bool, "a boolean",
+        "Lend the concurrency slot of an overdue transfer to new work (bound: LEND_MAX_FACTOR).")
+_define("deadline", "DEADLINE_LEND_AFTER", 1.25, positive_float, "a positive number",
+        "A transfer is overdue after transfer-p99 of its slot x this (at least LEND_MIN).")
+_define("deadline", "DEADLINE_LEND_MIN", 0.25, positive_float, "seconds > 0",
+        "Lower bound of the overdue threshold (nothing is lent before MIN_SAMPLES transfers).")
+_define("deadline", "DEADLINE_LEND_MAX_FACTOR", 2.0, _min_one_float, "a number >= 1",
+        "Never more than CONCURRENT_REQUESTS x this requests in flight while lending.")
+_define("deadline", "DEADLINE_TICK", 0.05, positive_float, "seconds > 0",
+        "How often queued deadlines, lending and lease expiry are checked.")
+_define("deadline", "DEADLINE_CANCEL_GRACE", 2.0, positive_float, "seconds > 0",
+        "How long a cancelled download may take to unwind before it is abandoned.")
+_define("deadline", "DEADLINE_WRAP_HANDLERS", True, as_bool, "a boolean",
+        "The add-on puts the guarded (cancellable) handler in DOWNLOAD_HANDLERS for "
+        "DEADLINE_SCHEMES, moving the configured handler to DEADLINE_WRAPPED_HANDLERS.")
+_define("deadline", "DEADLINE_SCHEMES", ["http", "https"], string_list,
+        "a list of URL schemes", "Schemes whose download handler the add-on wraps.")
+_define("deadline", "DEADLINE_WRAPPED_HANDLERS", {}, json_or_mapping,
+        "a mapping scheme -> handler class path",
+        "Handler the guard wraps per scheme (missing scheme: Scrapy's default handler).")
+
 # ---- proxy (downloader middleware) ------------------------------------------------------
 # (section owned by the downloader middleware)
+_define("proxy", "PROXY_ENABLED", True, as_bool, "a boolean",
+        "Lease proxy slots from PROXY_LIST (no effect while PROXY_LIST is empty).")
+_define("proxy", "PROXY_LIST", {}, proxy_capacities,
+        "a list of proxy URLs or a mapping proxy URL -> capacity",
+        "Proxies to lease; credentials in the URL go to Proxy-Authorization, never to logs.")
+_define("proxy", "PROXY_CAPACITY", 4, positive_int, "an integer >= 1",
+        "Concurrent requests per proxy when PROXY_LIST gives none.")
+_define("proxy", "PROXY_LEASE_TIMEOUT", 30.0, positive_float, "seconds > 0",
+        "Longest wait for a proxy slot (also bounded by the deadline) before ProxyLeaseTimeout.")
+_define("proxy", "PROXY_LEASE_GRACE", 5.0, non_negative_float, "seconds >= 0",
+        "Lease TTL = remaining deadline + GRACE; an expired lease is reclaimed, its download "
+        "cancelled.")
+_define("proxy", "PROXY_COOLDOWN_BASE", 1.0, positive_float, "seconds > 0",
+        "First cooldown of a failing proxy; doubles per consecutive failure (50-100 % jitter).")
+_define("proxy", "PROXY_COOLDOWN_MAX", 60.0, positive_float, "seconds > 0",
+        "Longest proxy cooldown.")
+_define("proxy", "PROXY_LEASE_RETRIES", 5, non_negative_int, "an integer >= 0",
+        "Retries after ProxyLeaseTimeout, later and at lower priority; separate from "
+        "RETRY_TIMES because the site was never asked.")
+_define("proxy", "PROXY_FAILURE_CODES", [407, 502], _int_list,
+        "a list of HTTP status codes", "Responses that count as a proxy failure (cooldown).")
 
 # ---- pg (item pipeline) ---------------------------------------------------------------------
 # (section owned by the PostgreSQL pipeline)
+_define("pg", "PG_ENABLED", True, as_bool, "a boolean",
+        "Enable the PostgreSQL pipeline (the add-on adds it only when PG_DSN is set).")
+_define("pg", "PG_DSN", None, optional_text, "a libpq DSN or postgresql:// URL",
+        "Database to write items to; the password never appears in logs or stats.")
+_define("pg", "PG_TABLES", {}, json_or_mapping,
+        "a mapping item type -> {table, key, columns, extra, conflict, types}",
+        "Where each item type goes: table, key field(s), field->column mapping, jsonb extra.")
+_define("pg", "PG_CREATE_TABLES", False, as_bool, "a boolean",
+        "Create missing tables at start (development only).")
+_define("pg", "PG_DURABILITY", "commit", one_of("commit", "buffered"), "commit or buffered",
+        "commit: process_item returns after the item's batch committed; buffered: at once.")
+_define("pg", "PG_BATCH_SIZE", 1000, positive_int, "an integer >= 1",
+        "Rows per batch (one COPY + merge transaction).")
+_define("pg", "PG_MAX_DELAY", 0.1, positive_float, "seconds > 0",
+        "Flush a batch when its oldest item waited this long (group commit window).")
+_define("pg", "PG_BUFFER_CAPACITY", 10000, positive_int, "an integer >= 1",
+        "Items buffered per table before producers wait (bounded).")
+_define("pg", "PG_POOL_SIZE", 4, positive_int, "an integer >= 1",
+        "Maximum connections in the pool.")
+_define("pg", "PG_ACQUIRE_TIMEOUT", 5.0, positive_float, "seconds > 0",
+        "Longest wait for a pooled connection before the attempt is retried.")
+_define("pg", "PG_MAX_WAITING", 16, positive_int, "an integer >= 1",
+        "Bound of the pool's waiting queue.")
+_define("pg", "PG_LOCK_TIMEOUT", 2.0, positive_float, "seconds > 0",
+        "SET LOCAL lock_timeout of each batch transaction.")
+_define("pg", "PG_STATEMENT_TIMEOUT", 30.0, positive_float, "seconds > 0",
+        "SET LOCAL statement_timeout of each batch transaction.")
+_define("pg", "PG_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, positive_float, "seconds > 0",
+        "idle_in_transaction_session_timeout of every pooled connection.")
+_define("pg", "PG_MAX_ATTEMPTS", 6, positive_int, "an integer >= 1",
+        "Attempts per batch for transient errors (deadlock, lock timeout, connection loss).")
+_define("pg", "PG_RETRY_BUDGET", 30.0, positive_float, "seconds > 0",
+        "Longest time one batch may spend retrying before its rows are dead-lettered.")
+_define("pg", "PG_CLOSE_TIMEOUT", 30.0, positive_float, "seconds > 0",
+        "Deadline of the final flush at close; the rest goes to the dead-letter store.")
+_define("pg", "PG_DEADLETTER_PATH", "antideadlock-pg-deadletter.jsonl", text, "a file path",
+        "JSONL file receiving every item that could not be stored, with the reason.")
+_define("pg", "PG_DEADLETTER_LOCK_TIMEOUT", 10.0, positive_float, "seconds > 0",
+        "Longest wait for the dead-letter file lock.")
 
 # ---- playwright (download handler) --------------------------------------------------------
-# (section owned by the Playwright handler)
+_define("playwright", "PLAYWRIGHT_ENABLED", True, as_bool, "a boolean",
+        "Add-on: replace scrapy-playwright's ScrapyPlaywrightDownloadHandler in "
+        "DOWNLOAD_HANDLERS with SafePlaywrightDownloadHandler.")
+_define("playwright", "PLAYWRIGHT_CALL_TIMEOUT", 30.0, positive_float, "seconds > 0",
+        "Cap on each browser call (new_context, new_page, goto, page methods, content); the "
+        "request's own deadline (antideadlock_deadline / download_timeout) may cut it shorter.")
+_define("playwright", "PLAYWRIGHT_CLOSE_TIMEOUT", 5.0, positive_float, "seconds > 0",
+        "Bound on closing one page or context; past it the page counts as force-closed.")
+_define("playwright", "PLAYWRIGHT_SLOT_TIMEOUT", 30.0, positive_float, "seconds > 0",
+        "Longest wait for a page or context slot (PLAYWRIGHT_MAX_PAGES_PER_CONTEXT / "
+        "PLAYWRIGHT_MAX_CONTEXTS) before the request fails with LeaseTimeout.")
+_define("playwright", "PLAYWRIGHT_PAGE_MAX_AGE", 300.0, optional_positive_float,
+        "seconds > 0 or None",
+        "Last resort: a page (playwright_include_page=True) older than this is closed. None: off.")
+_define("playwright", "PLAYWRIGHT_CONTEXT_IDLE_TIMEOUT", 30.0, optional_positive_float,
+        "seconds > 0 or None",
+        "A context without pages for this long is closed (startup contexts excepted). None: off.")
+_define("playwright", "PLAYWRIGHT_MAX_IDLE_CONTEXTS", 8, non_negative_int, "an integer >= 0",
+        "Idle contexts (no pages) kept beyond this many are closed, oldest first, so a "
+        "context-per-request crawl does not accumulate contexts.")
+_define("playwright", "PLAYWRIGHT_SHUTDOWN_TIMEOUT", 10.0, positive_float, "seconds > 0",
+        "Bound on closing pages, contexts and the browser at spider close; past it the browser "
+        "process is killed.")
+_define("playwright", "PLAYWRIGHT_CHECK_INTERVAL", 0.25, positive_float, "seconds > 0",
+        "How often included pages of finished requests and idle contexts are looked for.")
+_define("playwright", "PLAYWRIGHT_SHARE_BROWSER", True, as_bool, "a boolean",
+        "One driver, browser and set of page/context limits for the http and https handlers.")
 
 # ---- watchdog (extension) -------------------------------------------------------------------
-# (section owned by the watchdog)
+_define("watchdog", "WATCHDOG_ENABLED", True, as_bool, "a boolean",
+        "Run the watchdog extension (progress meter, loop monitor, stall diagnosis).")
+_define("watchdog", "WATCHDOG_INTERVAL", 0.5, positive_float, "seconds > 0",
+        "How often the watchdog samples progress on the loop (sub-second works).")
+_define("watchdog", "WATCHDOG_WINDOW", None, optional_positive_float, "seconds > 0 or None",
+        "Fixed stall window: no progress this long while work is pending is a stall. "
+        "None: adaptive, clamp(p99 x MULTIPLIER + BUFFER, MIN, MAX) of request durations.")
+_define("watchdog", "WATCHDOG_WINDOW_MULTIPLIER", 3.0, positive_float, "a positive number",
+        "Adaptive window: p99 request duration x MULTIPLIER + BUFFER.")
+_define("watchdog", "WATCHDOG_WINDOW_BUFFER", 5.0, non_negative_float, "seconds >= 0",
+        "Adaptive window: added to p99 x MULTIPLIER.")
+_define("watchdog", "WATCHDOG_WINDOW_MIN", 10.0, positive_float, "seconds > 0",
+        "Lower clamp of the adaptive window.")
+_define("watchdog", "WATCHDOG_WINDOW_MAX", 300.0, positive_float, "seconds > 0",
+        "Upper clamp of the adaptive window.")
+_define("watchdog", "WATCHDOG_WINDOW_INITIAL", 60.0, positive_float, "seconds > 0",
+        "Adaptive window used until WINDOW_MIN_SAMPLES request durations were seen.")
+_define("watchdog", "WATCHDOG_WINDOW_MIN_SAMPLES", 10, positive_int, "an integer >= 1",
+        "Request durations needed before the adaptive window is used.")
+_define("watchdog", "WATCHDOG_HEARTBEAT", 0.1, positive_float, "seconds > 0",
+        "How often the event loop posts a heartbeat to the off-loop monitor thread.")
+_define("watchdog", "WATCHDOG_BLOCKED_THRESHOLD", 5.0, positive_float, "seconds > HEARTBEAT",
+        "No heartbeat for this long = blocked loop: the loop thread's stack is captured.")
+_define("watchdog", "WATCHDOG_CPU_BUSY", 0.5, fraction, "a fraction of one core, 0-1",
+        "Loop-thread CPU share over the window at or above which a stall is busy (livelock).")
+_define("watchdog", "WATCHDOG_CHURN_MIN", 10, positive_int, "an integer >= 1",
+        "Churn events (requests sent, retries, lease grants) per window that make a "
+        "stall a livelock.")
+_define("watchdog", "WATCHDOG_HEALTH_INTERVAL", 60.0, non_negative_float, "seconds >= 0",
+        "Log one INFO health line this often (0 disables it).")
+_define("watchdog", "WATCHDOG_DIAGNOSIS_FILE", None, optional_text, "a file path or None",
+        "Write every diagnosis of the run to this file as a JSON list (rewritten atomically).")
+_define("watchdog", "WATCHDOG_PROGRESS_STATS", ["item_scraped_count", "item_dropped_count",
+        "response_received_count", "antideadlock/pg/rows_upserted"], string_list,
+        "a list of stat names (a name also matches NAME/...)",
+        "Counters whose growth is progress.")
+_define("watchdog", "WATCHDOG_CHURN_STATS", ["downloader/request_count", "retry/count",
+        "downloader/exception_count", "antideadlock/pg/retries"], string_list,
+        "a list of stat names (a name also matches NAME/...)",
+        "Counters whose growth without progress is churn (livelock evidence).")
 
 # ---- journal / health (watchdog part 2) -----------------------------------------------------
 # (section owned by the journal and liveness outputs)
+_define("journal", "JOURNAL_ENABLED", False, as_bool, "a boolean",
+        "Crash-safe request journal: resume after SIGKILL/os._exit without losing a request.")
+_define("journal", "JOURNAL_DIR", None, optional_text, "a directory path or None",
+        "Journal directory (like JOBDIR); None = <JOBDIR>/antideadlock-journal.")
+_define("journal", "JOURNAL_FSYNC", "interval", one_of("always", "interval", "never"),
+        "always, interval or never",
+        "When to fsync: every record, every FSYNC_INTERVAL, or never (process crashes are "
+        "covered by all three; power loss only by fsync).")
+_define("journal", "JOURNAL_FSYNC_INTERVAL", 1.0, positive_float, "seconds > 0",
+        "fsync period under the 'interval' policy.")
+_define("journal", "JOURNAL_LOCK_TIMEOUT", 10.0, positive_float, "seconds > 0",
+        "How long to wait for the journal's file lock before failing with JournalLocked.")
+_define("journal", "JOURNAL_COMPACT_MIN_BYTES", 4 << 20, positive_int, "an integer >= 1",
+        "Compact (rewrite pending records atomically) once the file is this big and 4x live.")
+_define("journal", "JOURNAL_REPLAY", True, as_bool, "a boolean",
+        "Re-enqueue every request not done (dont_filter=True) when the spider opens.")
+_define("journal", "JOURNAL_SKIP_SEEN", True, as_bool, "a boolean",
+        "On resume, drop (filterable) requests whose fingerprint was done or replayed before.")
+_define("health", "HEALTH_HEARTBEAT_FILE", None, optional_text, "a file path or None",
+        "Heartbeat file touched with a small JSON status while healthy (None = off).")
+_define("health", "HEALTH_INTERVAL", 5.0, positive_float, "seconds > 0",
+        "Heartbeat file / health check period (sd_notify pings use WATCHDOG_USEC / 2).")
+_define("health", "HEALTH_SDNOTIFY", True, as_bool, "a boolean",
+        "Send READY=1 / WATCHDOG=1 / STOPPING=1 to systemd when NOTIFY_SOCKET is set.")
+_define("health", "HEALTH_HTTP_PORT", None, optional_non_negative_int, "a port (0 = any) or None",
+        "Serve GET /healthz on 127.0.0.1:PORT from an off-loop thread (None = off).")
+_define("health", "HEALTH_LOOP_BLOCKED_AFTER", 5.0, positive_float, "seconds > 0",
+        "Report unhealthy when the event loop has not run for this long.")
+_define("recovery", "RECOVERY_LEVEL", "close", one_of("off", "recover", "close", "exit"),
+        "off, recover, close or exit",
+        "How far the escalation ladder goes: cancel+requeue only, + close the spider, "
+        "+ exit hard when the close hangs (and when the loop stays blocked).")
+_define("recovery", "RECOVERY_MAX_REQUEUES", 2, non_negative_int, "an integer >= 0",
+        "Requeues per request after a cancel; past this the request is quarantined.")
+_define("recovery", "RECOVERY_GRACE", 30.0, positive_float, "seconds > 0",
+        "After cancelling, how long progress may stay flat before the spider is closed.")
+_define("recovery", "RECOVERY_CLOSE_DEADLINE", 30.0, positive_float, "seconds > 0",
+        "How long the close may take before the process exits hard (level 'exit').")
+_define("recovery", "RECOVERY_BLOCKED_LOOP_EXIT_AFTER", 60.0, positive_float, "seconds > 0",
+        "Exit hard (level 'exit') when the event loop stays blocked this long.")
+_define("recovery", "RECOVERY_QUARANTINE_FILE", None, optional_text, "a file path or None",
+        "JSONL file of quarantined requests; None = <journal dir>/quarantine.jsonl, else "
+        "<JOBDIR>/antideadlock-quarantine.jsonl, else only logged.")
 
 
 # --------------------------------------------------------------------------- reading

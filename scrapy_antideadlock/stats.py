@@ -43,18 +43,147 @@ def is_declared(name: str) -> bool:
 
 # ---- deadline ----------------------------------------------------------------------------
 # (section owned by the downloader middleware)
+DEADLINE_SET = _stat("deadline/set", "Requests given a deadline (each attempt counts).")
+DEADLINE_USER = _stat("deadline/user_timeout",
+                      "Requests whose own meta download_timeout was used as the deadline.")
+DEADLINE_EXCEEDED = _stat("deadline/exceeded", "Requests failed with DeadlineExceeded.")
+DEADLINE_EXCEEDED_STAGE = _stat("deadline/exceeded/{stage}",
+                                "DeadlineExceeded by stage: queued, lease_wait or transfer.")
+DEADLINE_RETRIES = _stat("deadline/retries",
+                         "Retries scheduled after DeadlineExceeded or ProxyLeaseTimeout.")
+DEADLINE_GAVE_UP = _stat("deadline/gave_up",
+                         "Requests that hit their deadline/lease bound with no retry left.")
+DEADLINE_CANCELS = _stat("deadline/cancels",
+                         "Downloads cancelled through the guarded handler (any reason).")
+DEADLINE_LENT = _stat("deadline/lent", "Concurrency slots lent by overdue transfers.")
+DEADLINE_LENT_MAX = _stat("deadline/lent_max", "Most concurrency slots lent at one time.")
+DEADLINE_P99 = _stat("deadline/p99/{slot}",
+                     "p99 of successful transfer latency per downloader slot at close, s.")
+DEADLINE_TIMEOUT = _stat("deadline/timeout/{slot}",
+                         "Adaptive deadline per downloader slot at close, s.")
 
 # ---- proxy -------------------------------------------------------------------------------
 # (section owned by the downloader middleware)
+PROXY_ACQUIRED = _stat("proxy/leases_acquired", "Proxy slot leases granted.")
+PROXY_RELEASED = _stat("proxy/leases_released", "Proxy slot leases returned (any reason).")
+PROXY_EXPIRED = _stat("proxy/leases_expired",
+                      "Leases reclaimed at their TTL (their downloads cancelled).")
+PROXY_WAIT_TIMEOUTS = _stat("proxy/lease_timeouts",
+                            "Requests that waited for a proxy slot past the bound.")
+PROXY_DOUBLE_RELEASES = _stat("proxy/double_releases_prevented",
+                              "Second releases of a lease turned into a no-op.")
+PROXY_COOLDOWNS = _stat("proxy/cooldowns", "Times a failing proxy was put in cooldown.")
+PROXY_FAILURES = _stat("proxy/failures",
+                       "Transfers through a leased proxy that failed or got a failure code.")
+PROXY_SKIPPED = _stat("proxy/skipped",
+                      "Requests left alone: own meta proxy or meta antideadlock_no_proxy.")
+PROXY_MAX_WAIT = _stat("proxy/max_wait", "Longest wait for a proxy slot, s.")
+PROXY_HELD_AT_CLOSE = _stat("proxy/held_at_close",
+                            "Leases still held when the spider closed (released then).")
 
 # ---- pg ----------------------------------------------------------------------------------
 # (section owned by the PostgreSQL pipeline)
+PG_ROWS_UPSERTED = _stat("pg/rows_upserted", "Rows committed by the PostgreSQL pipeline.")
+PG_BATCHES = _stat("pg/batches", "Batches (transactions) committed.")
+PG_DEDUP_DROPS = _stat("pg/dedup_drops",
+                       "Items superseded by a later item with the same key in one batch.")
+PG_RETRIES = _stat("pg/retries", "Batch attempts retried after a transient failure.")
+PG_RETRIES_BY = _stat("pg/retries/{sqlstate}",
+                      "Retries by SQLSTATE or pool_timeout/pool_full/connection/client_timeout.")
+PG_DEADLOCKS = _stat("pg/deadlocks", "Deadlocks (40P01) seen and retried.")
+PG_LOCK_TIMEOUTS = _stat("pg/lock_timeouts", "lock_timeout expiries (55P03) seen and retried.")
+PG_BATCH_SPLITS = _stat("pg/batch_splits", "Failed batches split in halves to isolate bad rows.")
+PG_DEAD_LETTERED = _stat("pg/dead_lettered", "Items written to the dead-letter store.")
+PG_DEAD_LETTERED_BY = _stat("pg/dead_lettered/{reason}", "Dead-lettered items by reason.")
+PG_DEADLETTER_ERRORS = _stat("pg/deadletter_errors",
+                             "Items the dead-letter store could not take (logged as errors).")
+PG_BAD_ITEMS = _stat("pg/bad_items",
+                     "Items rejected before writing: unknown type, missing key, bad value.")
+PG_POOL_WAIT_MAX = _stat("pg/pool_wait_max", "Longest wait for a pooled connection (seconds).")
+PG_FLUSH_LATENCY_P99 = _stat("pg/flush_latency_p99",
+                             "p99 of batch flush time incl. retries (seconds).")
 
 # ---- playwright ----------------------------------------------------------------------------
-# (section owned by the Playwright handler)
+PW_PAGES_OPENED = _stat("playwright/pages/opened", "Browser pages opened by the handler.")
+PW_PAGES_CLOSED = _stat("playwright/pages/closed", "Browser pages seen closed (any path).")
+PW_PAGES_FORCE_CLOSED = _stat(
+    "playwright/pages/force_closed/{reason}",
+    "Pages the handler closed because nobody else did (after_callback, failure, cancelled, "
+    "timeout, age, crash, shutdown).")
+PW_CONTEXTS_OPENED = _stat("playwright/contexts/opened", "Browser contexts opened.")
+PW_CONTEXTS_CLOSED = _stat("playwright/contexts/closed", "Browser contexts seen closed.")
+PW_CONTEXTS_FORCE_CLOSED = _stat(
+    "playwright/contexts/force_closed/{reason}",
+    "Contexts the handler closed (idle, evicted, timeout, crash, shutdown).")
+PW_CALL_TIMEOUTS = _stat("playwright/call_timeouts/{call}",
+                         "Browser calls that overran their bound, by call (goto, evaluate, ...).")
+PW_BROWSER_RESTARTS = _stat("playwright/browser_restarts",
+                            "Browsers relaunched after the previous one died.")
+PW_BROWSER_CRASHES = _stat("playwright/browser_crashes", "Browser disconnections seen mid-crawl.")
+PW_CRASH_RETRIES = _stat("playwright/crash_retries",
+                         "Downloads retried in the handler because the browser or page died.")
+PW_BROWSER_KILLED = _stat("playwright/browser_killed",
+                          "Browser processes killed because close overran its bound.")
+PW_OPEN_PAGES_AT_CLOSE = _stat(
+    "playwright/open_pages_at_close",
+    "Pages still open in the browser after shutdown cleanup, counted by the browser (0).")
+PW_OPEN_CONTEXTS_AT_CLOSE = _stat(
+    "playwright/open_contexts_at_close",
+    "Contexts still open in the browser after shutdown cleanup, counted by the browser (0).")
 
 # ---- watchdog ----------------------------------------------------------------------------
-# (section owned by the watchdog)
+WATCHDOG_STALLS = _stat("watchdog/stalls", "Stall episodes detected (any class).")
+WATCHDOG_STALLS_BY_CLASS = _stat(
+    "watchdog/stalls/{stall_class}",
+    "Stall episodes of one class: blocked_loop, deadlock, livelock, stalled_io, unknown.")
+WATCHDOG_LAST_CLASS = _stat("watchdog/last_class", "Class of the most recent stall episode.")
+WATCHDOG_DETECT_SECONDS = _stat(
+    "watchdog/detect_seconds",
+    "Last episode: seconds from the last progress (or the loop's last heartbeat) to detection.")
+WATCHDOG_DETECT_SECONDS_MAX = _stat("watchdog/detect_seconds_max",
+                                    "Longest time to detect among the episodes.")
+WATCHDOG_CLEARED = _stat("watchdog/cleared", "Stall episodes that ended with progress resuming.")
+WATCHDOG_LOOP_LAG_MAX = _stat("watchdog/loop_lag_max",
+                              "Largest event-loop lag seen by the heartbeat (seconds).")
+WATCHDOG_LOOP_LAG_P99 = _stat("watchdog/loop_lag_p99",
+                              "p99 event-loop lag over the recent heartbeats at close (seconds).")
+WATCHDOG_BLOCKED_MAX = _stat("watchdog/blocked_seconds_max",
+                             "Longest blocked-loop episode (seconds without a heartbeat).")
+WATCHDOG_WINDOW = _stat("watchdog/window", "Stall window in use at close (seconds).")
 
 # ---- journal / health ----------------------------------------------------------------------
 # (section owned by the journal and liveness outputs)
+JOURNAL_PENDING_AT_START = _stat("journal/pending_at_start",
+                                 "Requests a previous run left not done in the journal.")
+JOURNAL_REPLAYED = _stat("journal/replayed", "Pending requests re-enqueued at start.")
+JOURNAL_UNREPLAYABLE = _stat("journal/unreplayable",
+                             "Pending requests that could not be rebuilt at start (reported).")
+JOURNAL_LEFT_TO_JOBDIR = _stat("journal/left_to_jobdir",
+                               "Pending requests left for JOBDIR's queue to restore.")
+JOURNAL_JOBDIR_RESET = _stat("journal/jobdir_reset",
+                             "JOBDIR files moved aside because the previous run crashed.")
+JOURNAL_SCHEDULED = _stat("journal/scheduled", "Scheduled records written.")
+JOURNAL_DONE = _stat("journal/done", "Requests marked done (callback and items finished).")
+JOURNAL_KEPT_PENDING = _stat("journal/kept_pending",
+                             "Requests that ended cancelled and stay pending for a resume.")
+JOURNAL_UNSERIALISABLE = _stat("journal/unserialisable",
+                               "Requests scheduled that Request.to_dict cannot serialise.")
+JOURNAL_SKIPPED_SEEN = _stat("journal/skipped_seen",
+                             "Requests dropped on resume: done or replayed in a previous run.")
+JOURNAL_COMPACTIONS = _stat("journal/compactions", "Atomic rewrites of the journal file.")
+JOURNAL_PENDING_AT_CLOSE = _stat("journal/pending_at_close",
+                                 "Requests not done when the spider closed.")
+HEALTH_STATE = _stat("health/state", "Last health state: healthy or the unhealthy reason.")
+HEALTH_UNHEALTHY = _stat("health/unhealthy", "Transitions from healthy to unhealthy.")
+HEALTH_SDNOTIFY_PINGS = _stat("health/sdnotify_pings", "WATCHDOG=1 pings sent to systemd.")
+HEALTH_HTTP_REQUESTS = _stat("health/http_requests", "Requests served by /healthz.")
+WATCHDOG_CANCELLED = _stat("watchdog/cancelled", "In-flight requests cancelled by recovery.")
+WATCHDOG_REQUEUED = _stat("watchdog/requeued", "Cancelled requests requeued (dont_filter).")
+WATCHDOG_QUARANTINED = _stat("watchdog/quarantined",
+                             "Requests quarantined after the requeue bound.")
+WATCHDOG_CLOSES = _stat("watchdog/closes/{stall_class}",
+                        "Spider closes by recovery, by stall class.")
+WATCHDOG_CLOSE_TIMEOUTS = _stat("watchdog/close_timeouts",
+                                "Closes that did not finish within the close deadline.")
+WATCHDOG_HARD_EXITS = _stat("watchdog/hard_exits/{reason}",
+                            "Hard exits (os._exit) by reason: close_timeout, blocked_loop.")

@@ -96,6 +96,7 @@ class Watchdog:
         self._seen_blocks = 0
         self._last_tick = 0.0
         self._stopped = False
+        self._older_tasks: weakref.WeakSet = weakref.WeakSet()
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> Watchdog:
@@ -119,7 +120,17 @@ class Watchdog:
 
     # ------------------------------------------------------------------ life cycle
     async def engine_started(self) -> None:
+        self._remember_older_tasks()
         self._start_monitor()
+
+    def _remember_older_tasks(self) -> None:
+        """Tasks alive before this crawl started (e.g. left by an earlier crawl in the same
+        process) cannot be this crawl's pending work: keep them out of the diagnosis."""
+        try:
+            self._older_tasks = weakref.WeakSet(
+                asyncio.all_tasks(asyncio.get_running_loop()))
+        except RuntimeError:
+            self._older_tasks = weakref.WeakSet()
 
     async def spider_opened(self, spider: Any = None) -> None:
         self._start_monitor()
@@ -424,7 +435,7 @@ class Watchdog:
                             "explains the wait (an un-instrumented await?)")
             evidence.append(f"loop alive, loop CPU {cpu_text}, churn {churn:.0f}")
         try:
-            awaiting = suspended_tasks()
+            awaiting = suspended_tasks(exclude=self._older_tasks)
         except Exception:  # noqa: BLE001 - introspection must not break the diagnosis
             awaiting = []
         if stall_class == "unknown" and awaiting:
@@ -742,7 +753,7 @@ _FRAMEWORK_PARTS = (f"{os.sep}scrapy{os.sep}", f"{os.sep}twisted{os.sep}",
                     f"{os.sep}asyncio{os.sep}")
 
 
-def suspended_tasks(limit: int = 6) -> list[dict[str, Any]]:
+def suspended_tasks(limit: int = 6, exclude: Any = ()) -> list[dict[str, Any]]:
     """Where the loop's pending tasks are suspended, grouped, framework-only chains left out.
 
     This names the await nobody registered (the ``unknown`` class) and shows, for the other
@@ -754,7 +765,7 @@ def suspended_tasks(limit: int = 6) -> list[dict[str, Any]]:
         return []
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for task in tasks:
-        if task.done():
+        if task.done() or task in exclude:
             continue
         chain = _await_chain(task.get_coro())
         if not any(not any(part in f[1] for part in _FRAMEWORK_PARTS) for f in chain):

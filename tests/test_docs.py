@@ -41,3 +41,19 @@ def test_every_stat_literal_in_code_is_declared():
                 literals.add(node.value)
     undeclared = sorted(name for name in literals if not is_declared(name) and name not in STATS)
     assert not undeclared, f"stats used in code but not declared in stats.py: {undeclared}"
+
+
+def test_every_setting_named_in_the_docs_exists():
+    """A renamed setting must not live on in README.md or docs/ (users copy from there)."""
+    stale = {}
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        names = set(re.findall(r"ANTIDEADLOCK_[A-Z0-9_]*[A-Z0-9]", path.read_text("utf-8")))
+        bad = sorted(n for n in names if n not in SETTINGS
+                     and not n.startswith("ANTIDEADLOCK_TEST_")
+                     and n not in ("ANTIDEADLOCK_DEADLINE", "ANTIDEADLOCK_PROXY", "ANTIDEADLOCK_PG",
+                                   "ANTIDEADLOCK_WATCHDOG", "ANTIDEADLOCK_RECOVERY",
+                                   "ANTIDEADLOCK_JOURNAL", "ANTIDEADLOCK_HEALTH",
+                                   "ANTIDEADLOCK_PLAYWRIGHT"))
+        if bad:
+            stale[path.name] = bad
+    assert not stale, f"unknown settings named in docs: {stale}"
