@@ -19,6 +19,8 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._server import ThreadedServer
+
 __all__ = ["MODES", "FaultProxy"]
 
 MODES = ("healthy", "slow", "blackhole", "error", "reset")
@@ -26,32 +28,25 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
         "proxy-authenticate", "te", "trailer", "upgrade"}
 
 
-class FaultProxy:
+class FaultProxy(ThreadedServer):
     """An HTTP proxy whose behaviour (``mode``) a test controls."""
 
     def __init__(self, mode: str = "healthy", slow_delay: float = 2.0,
                  auth: tuple[str, str] | None = None, host: str = "127.0.0.1",
                  port: int = 0) -> None:
+        super().__init__(host, port)
         self._check_mode(mode)
         self._mode = mode
         self.slow_delay = slow_delay
         self.auth = auth
-        self.host = host
-        self._want_port = port
-        self.port = 0
         self._lock = threading.Lock()
         self._requests = 0
         self._active = 0
         self._by_mode: Counter[str] = Counter()
         self._statuses: Counter[int] = Counter()
         self._targets: list[str] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
 
     # ------------------------------------------------------------------ config and counters
     @staticmethod
@@ -109,62 +104,12 @@ class FaultProxy:
             return list(self._targets)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> FaultProxy:
-        if self._thread is not None:
-            return self
-        self._thread = threading.Thread(target=self._run, name=f"FaultProxy-{id(self):x}",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("FaultProxy did not start within 10 s")
-        if self._start_error is not None:
-            raise RuntimeError(f"FaultProxy failed to start: {self._start_error!r}")
-        return self
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Close the listener and abort every connection (held ones too), join the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(lambda: loop.create_task(self._shutdown()))
-        thread.join(timeout)
-        self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(asyncio.start_server(
-                self._handle, self.host, self._want_port, reuse_address=True))
-            self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._start_error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
+    def _abort_all(self) -> list[asyncio.Task[Any]]:
         for writer in list(self._writers):
             writer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
-        asyncio.get_running_loop().stop()
+        return list(self._tasks)
 
     # ------------------------------------------------------------------ protocol
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._server import ThreadedServer
+
 __all__ = ["Fault", "FaultSite", "Latency"]
 
 _REASONS = {
@@ -172,7 +174,7 @@ class _Counters:
     faults: Counter[str] = field(default_factory=Counter)
 
 
-class FaultSite:
+class FaultSite(ThreadedServer):
     """A deterministic catalogue site (listings → detail pages) with injectable faults."""
 
     def __init__(self, pages: int = 20, items_per_page: int = 10, seed: int = 0,
@@ -180,91 +182,26 @@ class FaultSite:
                  port: int = 0, js_delay_ms: int = 50) -> None:
         if pages < 1 or items_per_page < 0:
             raise ValueError("FaultSite: pages must be >= 1 and items_per_page >= 0")
+        super().__init__(host, port)
         self.pages = pages
         self.items_per_page = items_per_page
         self.seed = seed
         self.latency = latency
-        self.host = host
         self.js_delay_ms = js_delay_ms
-        self._want_port = port
-        self.port: int = 0
         self._rules: list[_Rule] = []
         self._rules_lock = threading.Lock()
         self._rule_count = 0
         self._rng = random.Random(_seed_of(seed, "per-request"))
         self._c = _Counters()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
         self._conns: set[_Conn] = set()
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> FaultSite:
-        """Start serving (again, after :meth:`stop`, on the same port). Returns self."""
-        if self._thread is not None:
-            return self
-        if self.port:
-            self._want_port = self.port  # a restart keeps the URLs valid
-        self._ready.clear()
-        self._start_error = None
-        self._thread = threading.Thread(target=self._run, name=f"FaultSite-{id(self):x}",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("FaultSite did not start within 10 s")
-        if self._start_error is not None:
-            raise RuntimeError(f"FaultSite failed to start: {self._start_error!r}")
-        return self
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Close the listener, abort every open (also hanging) connection, join the thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            loop.call_soon_threadsafe(lambda: loop.create_task(self._shutdown()))
-        except RuntimeError:  # loop already closed
-            pass
-        thread.join(timeout)
-        self._thread = None
-
-    def __enter__(self) -> FaultSite:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(asyncio.start_server(
-                self._handle, self.host, self._want_port, reuse_address=True))
-            self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._start_error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
+    def _abort_all(self) -> list[asyncio.Task[Any]]:
         for conn in list(self._conns):
             conn.writer.transport.abort()
             if conn.task is not None:
                 conn.task.cancel()
-        tasks = [c.task for c in self._conns if c.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
-        asyncio.get_running_loop().stop()
+        return [c.task for c in self._conns if c.task is not None]
 
     # ------------------------------------------------------------------ urls and content
     def url(self, path: str = "/") -> str:
