@@ -18,10 +18,11 @@ import fcntl
 import json
 import os
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from .filelock import lock_exclusive
 
 __all__ = ["DeadLetterLockTimeout", "DeadLetterStore", "read_dead_letters", "to_jsonable"]
 
@@ -97,19 +98,9 @@ class DeadLetterStore:
         return len(lines)
 
     def _lock(self, fd: int) -> None:
-        deadline = time.monotonic() + self.lock_timeout
-        pause = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise DeadLetterLockTimeout(
-                        f"dead-letter file {self.path} still locked after "
-                        f"{self.lock_timeout:.1f}s") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
+        if not lock_exclusive(fd, self.lock_timeout):
+            raise DeadLetterLockTimeout(
+                f"dead-letter file {self.path} still locked after {self.lock_timeout:.1f}s")
 
     def read(self) -> list[dict[str, Any]]:
         return read_dead_letters(self.path)

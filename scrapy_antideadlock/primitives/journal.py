@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .filelock import lock_exclusive
+
 __all__ = ["Journal", "JournalError", "JournalLocked", "ReplayState", "FSYNC_POLICIES"]
 
 FSYNC_POLICIES = ("always", "interval", "never")
@@ -310,19 +312,10 @@ class Journal:
     def _acquire_lock(self) -> int:
         path = self.directory / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout
-        pause = 0.01
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    raise JournalLocked(path, self.lock_timeout, holder) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.2)
+        if not lock_exclusive(fd, self.lock_timeout, max_pause=0.2):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise JournalLocked(path, self.lock_timeout, holder)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         return fd
