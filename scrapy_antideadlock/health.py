@@ -313,10 +313,10 @@ class HealthExtension:
         if healthy != self._last_healthy:
             if not healthy:
                 self.counters["unhealthy"] += 1
-                logger.warning("antideadlock health: unhealthy (%s)", status["state"])
+                logger.warning("antideadlock liveness: unhealthy (%s)", status["state"])
                 self.notifier.notify(f"STATUS=unhealthy: {status['state']}")
             elif self._last_healthy is not None:
-                logger.info("antideadlock health: healthy again")
+                logger.info("antideadlock liveness: healthy again")
                 self.notifier.notify("STATUS=crawling")
             self._last_healthy = healthy
 

@@ -31,10 +31,12 @@ except ImportError:  # pragma: no cover - origin is part of this package
     origins_for = None
 
 
-def owner_of(crawler: Crawler, item: Any) -> str:
+def owner_of(crawler: Crawler, item: Any, tracker: Any = None) -> str:
     """The request id that produced ``item`` (origin tracker), else a per-item placeholder."""
-    if origins_for is not None:
-        owner = origins_for(crawler).owner_of(item)
+    if tracker is None and origins_for is not None:
+        tracker = origins_for(crawler)
+    if tracker is not None:
+        owner = tracker.owner_of(item)
         if owner:
             return owner
     return f"item:{id(item):x}"
@@ -71,6 +73,8 @@ class PostgresUpsertPipeline:
         self.engine = UpsertEngine(conf.dsn, self.specs, options, deadletter=self.deadletter,
                                    stats=crawler.stats)
         self.registry = Registry.for_owner(crawler)
+        # Looked up once: process_item runs per item.
+        self.origins = origins_for(crawler) if origins_for is not None else None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> PostgresUpsertPipeline:
@@ -88,9 +92,13 @@ class PostgresUpsertPipeline:
     async def process_item(self, item: Any) -> Any:
         # Shallow: the engine snapshots values into the row; nested items go to JSON as dicts.
         fields = item if type(item) is dict else dict(ItemAdapter(item).items())
-        outcome = await self.engine.submit(
-            self.spec_of(item), fields, owner=owner_of(self.crawler, item),
-            item_type=item_type_name(item), wait=self.wait)
+        spec, owner = self.spec_of(item), owner_of(self.crawler, item, self.origins)
+        if self.wait:  # the item's future itself on the common path (no coroutine per item)
+            outcome = await self.engine.enqueue(spec, fields, owner=owner,
+                                                item_type=item_type_name(item))
+        else:
+            outcome = await self.engine.submit(spec, fields, owner=owner,
+                                               item_type=item_type_name(item), wait=False)
         if not outcome.stored:
             raise DropItem(f"not stored ({outcome.reason}): {outcome.detail}; "
                            f"see {self.deadletter.path}")

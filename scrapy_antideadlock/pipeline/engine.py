@@ -31,13 +31,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from itemadapter import ItemAdapter
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
@@ -205,23 +207,25 @@ class Table:
 
     def __post_init__(self) -> None:
         self.ident = sql.Identifier(*self.spec.table_parts)
-        self._sql_cache: dict[tuple[str, ...], tuple[sql.Composed, sql.Composed]] = {}
+        self._sql_cache: dict[tuple[str, ...], Statements] = {}
         self._routes: dict[str, tuple[str | None, bool]] = {}
 
     def row_of(self, fields: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """(key, column -> value) for one item; raise :class:`BadItem` if it cannot be."""
         spec = self.spec
-        key = []
-        for name in spec.key:
-            value = fields.get(name)
+        # Few allocations per item: each one counts towards the next GC pass.
+        key = tuple(fields.get(name) for name in spec.key) if len(spec.key) > 1 \
+            else (fields.get(spec.key[0]),)
+        for name, value in zip(spec.key, key, strict=True):
+            if type(value) is str:
+                continue
             if value is None:
                 raise BadItem("missing_key", f"key field {name!r} missing or null")
             if not isinstance(value, (str, int, decimal.Decimal, uuid.UUID, _dt.date)) \
                     or isinstance(value, bool):
                 raise BadItem("bad_key", f"key field {name!r} is a {type(value).__name__}")
-            key.append(value)
         row: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] | None = {} if spec.extra else None
         routes = self._routes
         for name, value in fields.items():
             route = routes.get(name)
@@ -231,7 +235,7 @@ class Table:
                     routes[name] = route
             column, is_json = route
             if column is None:
-                if spec.extra:
+                if extra is not None:
                     extra[name] = value
                 continue
             if is_json:
@@ -240,9 +244,9 @@ class Table:
                 row[column] = value
             else:
                 row[column] = _check_scalar(value, name)
-        if spec.extra:
+        if extra is not None:
             row[spec.extra] = _to_json(extra, spec.extra)
-        return tuple(key), row
+        return key, row
 
     def _route(self, name: str) -> tuple[str | None, bool]:
         """(column, is json) of an item field; computed once per field name."""
@@ -254,15 +258,18 @@ class Table:
                            "is configured; it is not stored", name, spec.item_type, spec.table)
         return column, column is not None and self.columns.get(column) in ("json", "jsonb")
 
-    def statements(self, cols: tuple[str, ...]) -> tuple[sql.Composed, sql.Composed]:
-        """(COPY into stage, merge from stage) for this column set."""
+    def statements(self, cols: tuple[str, ...]) -> Statements:
+        """How a batch with this column set is staged and merged (built once per set)."""
         cached = self._sql_cache.get(cols)
         if cached is not None:
             return cached
         spec = self.spec
         col_ids = sql.SQL(", ").join(map(sql.Identifier, cols))
         key_ids = sql.SQL(", ").join(map(sql.Identifier, spec.key_columns))
-        stage = sql.Identifier("_antideadlock_stage")
+        stage_name = f"_antideadlock_stage_{next(_stage_ids)}"
+        stage = sql.Identifier(stage_name)
+        create = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
+                         "SELECT {} FROM {} WITH NO DATA").format(stage, col_ids, self.ident)
         copy = sql.SQL("COPY {} ({}) FROM STDIN").format(stage, col_ids)
         if spec.conflict == "nothing":
             action = sql.SQL("NOTHING")
@@ -275,11 +282,26 @@ class Table:
                     for c in targets))
             else:
                 action = sql.SQL("NOTHING")
+        # The merge and the COMMIT go in one round trip (simple protocol): if the merge
+        # fails, the server skips the COMMIT and the transaction is rolled back.
         merge = sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} ORDER BY {k} "
-                        "ON CONFLICT ({k}) DO {a}").format(t=self.ident, c=col_ids, s=stage,
-                                                           k=key_ids, a=action)
-        self._sql_cache[cols] = (copy, merge)
-        return copy, merge
+                        "ON CONFLICT ({k}) DO {a}; COMMIT").format(t=self.ident, c=col_ids,
+                                                                   s=stage, k=key_ids, a=action)
+        cached = self._sql_cache[cols] = Statements(stage_name, create, copy, merge)
+        return cached
+
+
+@dataclass(frozen=True)
+class Statements:
+    """SQL for one (table, column set): a per-connection temp stage, COPY, merge+commit."""
+
+    stage: str  # the stage's name, to remember on which connections it exists
+    create: sql.Composed
+    copy: sql.Composed
+    merge: sql.Composed
+
+
+_stage_ids = itertools.count(1)  # stage names unique per process (one session serves all tables)
 
 
 # --------------------------------------------------------------------------- registry view
@@ -345,6 +367,12 @@ class UpsertEngine:
         self._soft_deadline: float | None = None
         self._closed = False
         self._pool_wait_max = 0.0
+        #: temp stages known to exist per pooled connection (a new session has none)
+        self._stages: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        self._begin = sql.SQL("BEGIN; SET LOCAL lock_timeout = {}; "
+                              "SET LOCAL statement_timeout = {}").format(
+            sql.Literal(int(options.lock_timeout * 1000)),
+            sql.Literal(int(options.statement_timeout * 1000)))
 
     # ------------------------------------------------------------------ open
     async def open(self) -> None:
@@ -447,6 +475,30 @@ class UpsertEngine:
             sql.SQL(", ").join(map(sql.Identifier, spec.key_columns)))
 
     # ------------------------------------------------------------------ submit
+    def enqueue(self, spec: TableSpec | None, fields: Mapping[str, Any], *, owner: str,
+                item_type: str) -> Awaitable[Outcome]:
+        """Queue one item; await the result for its outcome (committed or parked).
+
+        Same as ``await submit(..., wait=True)`` but, on the common path (a valid item
+        and room in the buffer), the awaitable is the item's own future: no coroutine
+        per item. Cancelling the wait cancels only this item's future, not its write.
+        """
+        if spec is not None:
+            table = self._by_type[spec.item_type]
+            buffer = self.buffers[spec.table]
+            if buffer.has_room():
+                try:
+                    key, row = table.row_of(fields)
+                except BadItem:
+                    pass  # submit() parks it
+                else:
+                    future = asyncio.get_running_loop().create_future()
+                    buffer.add(Entry(key, row, owner, payload={"item_type": item_type,
+                                                               "item": fields},
+                                     future=future))
+                    return future
+        return self.submit(spec, fields, owner=owner, item_type=item_type, wait=True)
+
     async def submit(self, spec: TableSpec | None, fields: Mapping[str, Any], *, owner: str,
                      item_type: str, wait: bool = True) -> Outcome:
         """Queue one item; with ``wait`` return when it is committed or parked."""
@@ -545,8 +597,10 @@ class UpsertEngine:
             self.stats.inc_value(ad_stats.PG_ROWS_UPSERTED, len(entries))
             self.stats.inc_value(ad_stats.PG_BATCHES)
             for winner in entries:
-                for entry in winner.entries():
-                    entry.settle(STORED)
+                if winner.superseded:  # same key earlier in the batch: same fate
+                    for entry in winner.superseded:
+                        entry.settle(STORED)
+                winner.settle(STORED)
             return
 
     def _count_retry(self, label: str) -> None:
@@ -574,9 +628,15 @@ class UpsertEngine:
 
     async def _transaction(self, table: Table, entries: list[Entry], cols: tuple[str, ...],
                            token: int) -> None:
+        """One batch in three round trips: BEGIN + limits (+ the stage, once per
+        connection), COPY into the connection's temp stage, merge + COMMIT.
+
+        The stage is ``ON COMMIT DELETE ROWS``, so it is empty at every BEGIN and is not
+        created and dropped (catalog writes) in every transaction.
+        """
         assert self.pool is not None
         opts = self.options
-        copy_sql, merge_sql = table.statements(cols)
+        statements = table.statements(cols)
         asked = time.monotonic()
         try:
             conn = await self.pool.getconn(timeout=opts.acquire_timeout)
@@ -587,20 +647,25 @@ class UpsertEngine:
                 self.stats.set_value(ad_stats.PG_POOL_WAIT_MAX, round(waited, 4))
         try:
             self.pool_view.holding(token)
-            async with conn.transaction():
-                await conn.execute(sql.SQL(
-                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; "
-                    "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} "
-                    "WITH NO DATA").format(
-                        sql.Literal(int(opts.lock_timeout * 1000)),
-                        sql.Literal(int(opts.statement_timeout * 1000)),
-                        sql.Identifier("_antideadlock_stage"),
-                        sql.SQL(", ").join(map(sql.Identifier, cols)), table.ident))
-                async with conn.cursor().copy(copy_sql) as copy:
+            stages = self._stages.get(conn)
+            if stages is None:
+                stages = self._stages[conn] = set()
+            begin = self._begin
+            if statements.stage not in stages:
+                begin = sql.SQL("{}; {}").format(begin, statements.create)
+            try:
+                await conn.execute(begin)
+                async with conn.cursor().copy(statements.copy) as copy:
                     for entry in entries:
                         row = entry.row
                         await copy.write_row([row.get(c) for c in cols])
-                await conn.execute(merge_sql)
+                await conn.execute(statements.merge)
+            except BaseException:
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(Exception):  # else the pool rolls it back
+                        await conn.rollback()
+                raise
+            stages.add(statements.stage)  # committed, so the stage exists from now on
         finally:  # back to the pool at once: never held outside a flush
             await self.pool.putconn(conn)
 

@@ -28,9 +28,13 @@ from .registry import HolderInfo, PoolSnapshot, WaiterInfo
 __all__ = ["Backoff", "BatchBuffer", "BufferFull", "Entry", "dedupe_last_wins", "split_halves"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Entry:
-    """One row waiting to be written, with the request that produced it."""
+    """One row waiting to be written, with the request that produced it.
+
+    Slotted: thousands are in flight at once, and every object without a ``__dict__``
+    is one less for the cyclic GC to traverse (a visible share of per-item cost).
+    """
 
     key: tuple
     row: Any = None
