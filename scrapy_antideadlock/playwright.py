@@ -179,6 +179,7 @@ class _Session:
         self._page_pool_serial = 0
         crawler.signals.connect(self._on_scheduled, signal=signals.request_scheduled)
         crawler.signals.connect(self._on_dropped, signal=signals.request_dropped)
+        crawler.signals.connect(self._on_spider_closed, signal=signals.spider_closed)
 
     @classmethod
     def attach(cls, crawler: Crawler, handler: SafePlaywrightDownloadHandler) -> _Session:
@@ -192,6 +193,16 @@ class _Session:
                 cls._shared[crawler] = session
         session.handlers.add(id(handler))
         return session
+
+    async def _on_spider_closed(self, **_: Any) -> None:
+        """Close the pages of finished requests now, bounded, so the stats dump counts them
+        (the handler itself is closed only after the dump)."""
+        if self._closing:
+            return
+        self.sweep()
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.opts.close_timeout + 0.5)
 
     # ------------------------------------------------------------------ helpers
     def _inc(self, name: str, count: int = 1) -> None:

@@ -175,6 +175,8 @@ def test_contention_spiders_finish_with_the_pack(crawl: Callable[..., _Crawl]) -
     # scrapy-playwright keeps them, and with 4 pages per context the crawl freezes).
     closed = stats.get("antideadlock/playwright/pages/force_closed/after_callback")
     assert closed == "8", log[-3000:]
+    opened = stats["antideadlock/playwright/pages/opened"]
+    assert stats.get("antideadlock/playwright/pages/closed") == opened, log[-3000:]
 
 
 def test_version_metadata_and_changelog_agree() -> None:

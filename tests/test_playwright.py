@@ -613,7 +613,8 @@ async def test_context_per_request_stays_within_limit_and_closes(chromium: str,
         await asyncio.sleep(0.6)  # the last contexts go idle -> closed (MAX_IDLE_CONTEXTS=8)
         stats = handler.stats.get_stats()
         assert stats[ad_stats.PW_CONTEXTS_OPENED] == count
-        assert (await browser_counts(live_browser(handler))) == (0, 4)  # 4 idle, kept
+        pages, contexts = await browser_counts(live_browser(handler))
+        assert pages == 0 and contexts <= 4  # idle ones kept (MAX_IDLE_CONTEXTS), never > limit
     assert stats[ad_stats.PW_CONTEXTS_CLOSED] == count
     assert stats[ad_stats.PW_OPEN_CONTEXTS_AT_CLOSE] == 0
     assert stats[ad_stats.PW_OPEN_PAGES_AT_CLOSE] == 0
