@@ -64,24 +64,8 @@ COMPONENTS: list[Component] = [
               "ANTIDEADLOCK_ENABLED"),
 ]
 
-# Functions that adjust settings beyond a dict entry (e.g. wrapping DOWNLOAD_HANDLERS).
-CONFIGURERS: list[Callable[[Any], None]] = []
-
-
-# ---- downloader: wrap DOWNLOAD_HANDLERS (keep it the last configurer, so it wraps the
-# handlers other configurers install, e.g. the safe Playwright handler) ----
-def _wrap_download_handlers(settings: Any) -> None:
-    from .downloader import configure_download_handlers
-
-    configure_download_handlers(settings)
-
-
-CONFIGURERS.append(_wrap_download_handlers)
-
-
-# ---- playwright: swap scrapy-playwright's handler for the safe subclass (runs first, so the
-# downloader's configurer above then wraps the safe handler) ----
 def _use_safe_playwright(settings: Any) -> None:
+    """Swap scrapy-playwright's stock handler for the safe subclass, where configured."""
     if importlib.util.find_spec("scrapy_playwright") is None:
         return  # optional dependency not installed: nothing to swap
     from .playwright import configure_download_handlers
@@ -89,7 +73,16 @@ def _use_safe_playwright(settings: Any) -> None:
     configure_download_handlers(settings)
 
 
-CONFIGURERS.insert(0, _use_safe_playwright)
+def _wrap_download_handlers(settings: Any) -> None:
+    """Put the guard (deadline + cancel) in front of every http/https handler."""
+    from .downloader import configure_download_handlers
+
+    configure_download_handlers(settings)
+
+
+# Functions that adjust settings beyond a dict entry. Order matters: the Playwright swap
+# runs first, so the guard then wraps the safe handler.
+CONFIGURERS: list[Callable[[Any], None]] = [_use_safe_playwright, _wrap_download_handlers]
 
 
 class Addon:
