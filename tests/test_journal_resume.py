@@ -62,7 +62,7 @@ def by_key(*procs: Any) -> dict[str, dict[str, Any]]:
 def test_sigkill_resume_with_journal_loses_nothing(site, tmp_path):
     # a small compaction threshold: the journal is rewritten several times mid-crawl
     settings = journal_settings(tmp_path / "journal",
-                                ANTIDEADLOCK_JOURNAL_COMPACT_MIN_BYTES=30_000)
+                                ANTIDEADLOCK_JOURNAL_COMPACT_MIN_BYTES=8_000)
     kwargs = {"start_url": site.start_url}
     first = run_crawl_subprocess(SPIDER, settings, items_path=tmp_path / "run1.jsonl",
                                  spider_kwargs=kwargs)

@@ -3,7 +3,8 @@
 Used by :func:`scrapy_antideadlock.testing.run_crawl_subprocess` for tests that kill or
 restart a crawl. Each scraped item is appended to ``--items`` as one JSON line, flushed
 and fsynced before the next, so after a SIGKILL the file holds exactly a prefix (at most
-a torn last line). Final stats go to ``<items>.stats.json`` at spider close. Exit code
+a torn last line). Final stats go to ``<items>.stats.json`` at spider close and again
+at engine stop, once every spider_closed handler has set its stats. Exit code
 0 when the crawl finished.
 """
 
@@ -52,6 +53,7 @@ class ItemRecorder:
         self._file = open(items_path, "a", encoding="utf-8")  # noqa: SIM115 - closed at close
         crawler.signals.connect(self.item_scraped, signals.item_scraped)
         crawler.signals.connect(self.spider_closed, signals.spider_closed)
+        crawler.signals.connect(self.engine_stopped, signals.engine_stopped)
 
     def item_scraped(self, item: Any, **kwargs: Any) -> None:
         self._file.write(json.dumps(ItemAdapter(item).asdict(), default=str) + "\n")
@@ -61,6 +63,15 @@ class ItemRecorder:
     def spider_closed(self, reason: str, **kwargs: Any) -> None:
         self.reason = reason
         self._file.close()
+        self._write_stats()
+
+    def engine_stopped(self) -> None:
+        """Again, now that every spider_closed handler has set its stats."""
+        if self.reason is not None:
+            self._write_stats()
+
+    def _write_stats(self) -> None:
+        reason = self.reason
         stats = dict(self.crawler.stats.get_stats()) if self.crawler.stats else {}
         stats["_close_reason"] = reason
         tmp = self.stats_path.with_suffix(".tmp")
