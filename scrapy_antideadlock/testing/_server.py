@@ -92,3 +92,31 @@ class ThreadedServer:
     def _abort_all(self) -> list[asyncio.Task[Any]]:
         """Abort every connection and cancel its task; return the tasks to wait for."""
         raise NotImplementedError
+
+
+Head = tuple[str, str, str, dict[str, str], list[tuple[str, str]]]
+
+
+async def read_head(reader: asyncio.StreamReader) -> Head | None:
+    """Read one HTTP/1.x request head: (METHOD, target, VERSION, lower-cased headers, raw
+    header pairs), or None at a clean EOF. Stray blank lines between requests are skipped."""
+    line = await reader.readline()
+    while line in (b"\r\n", b"\n"):
+        line = await reader.readline()
+    if not line:
+        return None
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3:
+        raise ValueError("bad request line")
+    headers: dict[str, str] = {}
+    raw: list[tuple[str, str]] = []
+    while True:
+        hline = await reader.readline()
+        if not hline:
+            raise ConnectionError("eof in headers")
+        if hline in (b"\r\n", b"\n"):
+            break
+        name, _, value = hline.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+        raw.append((name.strip(), value.strip()))
+    return parts[0].upper(), parts[1], parts[2].upper(), headers, raw

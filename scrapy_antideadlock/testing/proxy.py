@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._server import ThreadedServer
+from ._server import ThreadedServer, read_head
 
 __all__ = ["MODES", "FaultProxy"]
 
@@ -119,7 +119,7 @@ class FaultProxy(ThreadedServer):
         self._writers.add(writer)
         upstream: asyncio.StreamWriter | None = None
         try:
-            head = await _read_head(reader)
+            head = await read_head(reader)
             if head is None:
                 return
             method, target, version, headers, raw_headers = head
@@ -262,25 +262,3 @@ class FaultProxy(ThreadedServer):
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         return up_writer
-
-
-async def _read_head(reader: asyncio.StreamReader
-                     ) -> tuple[str, str, str, dict[str, str], list[tuple[str, str]]] | None:
-    line = await reader.readline()
-    if not line:
-        return None
-    parts = line.decode("latin-1").split()
-    if len(parts) != 3:
-        raise ValueError("bad request line")
-    headers: dict[str, str] = {}
-    raw: list[tuple[str, str]] = []
-    while True:
-        hline = await reader.readline()
-        if not hline:
-            raise ConnectionError("eof in headers")
-        if hline in (b"\r\n", b"\n"):
-            break
-        name, _, value = hline.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-        raw.append((name.strip(), value.strip()))
-    return parts[0].upper(), parts[1], parts[2].upper(), headers, raw

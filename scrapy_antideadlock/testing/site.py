@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._server import ThreadedServer
+from ._server import ThreadedServer, read_head
 
 __all__ = ["Fault", "FaultSite", "Latency"]
 
@@ -477,28 +477,15 @@ class FaultSite(ThreadedServer):
 
 async def _read_request(reader: asyncio.StreamReader
                         ) -> tuple[str, str, str, dict[str, str]] | None:
-    line = await reader.readline()
-    while line in (b"\r\n", b"\n"):  # tolerate stray blank lines between requests
-        line = await reader.readline()
-    if not line:
+    """The next request's head; its body (if any) is read and ignored."""
+    head = await read_head(reader)
+    if head is None:
         return None
-    parts = line.decode("latin-1").split()
-    if len(parts) != 3:
-        raise ValueError("bad request line")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    while True:
-        hline = await reader.readline()
-        if not hline:
-            raise ConnectionError("eof in headers")
-        if hline in (b"\r\n", b"\n"):
-            break
-        name, _, value = hline.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+    method, target, version, headers, _ = head
     length = int(headers.get("content-length", "0") or 0)
     if length:
         await reader.readexactly(length)
-    return method.upper(), target, version.upper(), headers
+    return method, target, version, headers
 
 
 async def _send(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, method: str,
