@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scrapy_antideadlock.context import context_for
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("deadlock", "livelock", "stalled_io", "blocked_loop")
 FAULT_AT_ITEM = 5
@@ -36,11 +38,11 @@ class StickyProxyMiddleware:
     """A user's instrumented proxy slots: detail pages keep their slot until stored."""
 
     def __init__(self, crawler: Any) -> None:
-        from scrapy_antideadlock.primitives import LeasePool, Registry
+        from scrapy_antideadlock.primitives import LeasePool
 
         self.proxy_url = crawler.settings["BENCH_PROXY_URL"]
         self.pool = LeasePool("proxy", {self.proxy_url: 2}, kind="proxy")
-        Registry.for_owner(crawler).register(self.pool)
+        context_for(crawler).registry.register(self.pool)
         self.sticky: dict[str, Any] = {}
         crawler.bench_proxy = self
 
@@ -89,12 +91,12 @@ class NaivePipeline:
     async def open_spider(self) -> None:
         import psycopg
 
-        from scrapy_antideadlock.primitives import LeasePool, Registry
+        from scrapy_antideadlock.primitives import LeasePool
 
         self.conn = await psycopg.AsyncConnection.connect(
             self.crawler.settings["BENCH_PG_DSN"], autocommit=True)
         self.db = LeasePool("db", 1, kind="pg")
-        Registry.for_owner(self.crawler).register(self.db)
+        context_for(self.crawler).registry.register(self.db)
 
     async def close_spider(self) -> None:
         await self.conn.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from scrapy.utils.misc import load_object
 
+from . import compat
 from . import settings as ad_settings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Addon:
         if not ad_settings.get(settings, "ANTIDEADLOCK_ENABLED"):
             logger.info("scrapy-antideadlock add-on disabled by ANTIDEADLOCK_ENABLED")
             return
+        compat.check()  # an internal that moved fails here, naming it, not mid-crawl
         for component in COMPONENTS:
             if not _wanted(component, settings):
                 continue

@@ -38,16 +38,16 @@ from scrapy.exceptions import NotConfigured
 from . import settings as ad_settings
 from . import signals as ad_signals
 from . import stats as ad_stats
+from .context import context_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HealthExtension", "health_for", "sd_notify", "SdNotifier"]
 
-_instances: dict[int, HealthExtension] = {}
 
 
 def health_for(crawler: Crawler) -> HealthExtension | None:
-    return _instances.get(id(crawler))
+    return context_for(crawler).get("health")
 
 
 class SdNotifier:
@@ -135,7 +135,7 @@ class HealthExtension:
         self._last_healthy: bool | None = None
         self.counters = {"unhealthy": 0, "pings": 0, "http": 0}
         self.last_status: dict[str, Any] = {}
-        _instances[id(crawler)] = self
+        context_for(crawler).put("health", self)
         crawler.signals.connect(self.engine_started, signal=signals.engine_started)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self.engine_stopped, signal=signals.engine_stopped)
@@ -231,7 +231,7 @@ class HealthExtension:
             self._monitor.stop()
             self._own_monitor = False
         self.notifier.close()
-        _instances.pop(id(self.crawler), None)
+        context_for(self.crawler).remove("health", self)
 
     # ------------------------------------------------------------------ any thread
 

@@ -35,6 +35,7 @@ from scrapy.utils.request import request_from_dict
 
 from . import settings as ad_settings
 from . import stats as ad_stats
+from .context import context_for
 from .identity import strip_credentials
 from .origin import JOURNAL_KEY, origins_for
 from .primitives.deadletter import DeadLetterStore
@@ -55,12 +56,11 @@ _DROP_META = ("antideadlock_deadline", "antideadlock_id", "download_latency", "d
 _SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
 _PICKLED = "$pickle"
 
-_instances: weakref.WeakKeyDictionary[Any, RequestJournal] = weakref.WeakKeyDictionary()
 
 
 def journal_for(crawler: Crawler) -> RequestJournal | None:
     """The crawler's journal extension, or None when the journal is off."""
-    return _instances.get(crawler)
+    return context_for(crawler).get("journal")
 
 
 def journal_dir(settings: Any) -> Path:
@@ -112,7 +112,7 @@ class RequestJournal:
         self.jobdir_reset: list[str] = []
         if self.previous_crashed and self.jobdir:
             self._set_jobdir_aside()
-        _instances[crawler] = self
+        context_for(crawler).put("journal", self)
         origins_for(crawler).on_request_finished(self._finished)
         crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)

@@ -4,7 +4,7 @@ A request is *done* (DESIGN "Durability") only when its callback (or errback)
 finished AND every item it yielded passed the pipelines (scraped, dropped or
 errored; pipelines return only after commit). That is the moment Scrapy's engine
 drops the request from its in-progress set: ``Scraper.enqueue_scrape`` awaits the
-callback and every item, then the engine calls ``_slot.remove_request(request)``.
+callback and every item, then the engine forgets the request (``compat.scrapy.on_request_done``).
 There is no public signal for it, so :class:`ItemOriginMiddleware` wraps that one
 method of the engine slot (checked at open; if the layout ever changes it logs an
 error and the journal degrades to re-crawling, never to losing).
@@ -18,7 +18,6 @@ requests yielded by a callback their own identity: a callback that passes
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -26,6 +25,8 @@ from scrapy import Request, signals
 from scrapy.crawler import Crawler
 from scrapy.http import Response
 
+from .compat import scrapy as compat
+from .context import context_for
 from .identity import META_KEY as OWNER_META_KEY
 from .identity import request_id
 
@@ -82,15 +83,9 @@ class OriginTracker:
                     logger.exception("request-done callback %r failed", done)
 
 
-_trackers: weakref.WeakKeyDictionary[Any, OriginTracker] = weakref.WeakKeyDictionary()
-
-
 def origins_for(crawler: Crawler) -> OriginTracker:
     """The crawler's tracker (created on first use; the middleware feeds it)."""
-    tracker = _trackers.get(crawler)
-    if tracker is None:
-        tracker = _trackers[crawler] = OriginTracker()
-    return tracker
+    return context_for(crawler).setdefault("origins", OriginTracker)
 
 
 class ItemOriginMiddleware:
@@ -113,21 +108,8 @@ class ItemOriginMiddleware:
     def _spider_opened(self, spider: Any = None) -> None:
         if self.tracker.hooked:
             return
-        slot = getattr(self.crawler.engine, "_slot", None)
-        original = getattr(slot, "remove_request", None)
-        if slot is None or original is None or not hasattr(slot, "inprogress"):
-            logger.error("scrapy-antideadlock: cannot observe request completion in this "
-                         "Scrapy version; the journal will re-crawl finished requests")
-            return
-        tracker = self.tracker
-
-        def remove_request(request: Request) -> None:
-            if request in slot.inprogress:
-                tracker.finished(request)
-            original(request)
-
-        slot.remove_request = remove_request
-        tracker.hooked = True
+        if compat.on_request_done(self.crawler.engine, self.tracker.finished):
+            self.tracker.hooked = True
 
     # -- spider middleware -----------------------------------------------------------
 

@@ -65,9 +65,9 @@ from scrapy_playwright.page import PageMethod
 
 from . import settings as ad_settings
 from . import stats as ad_stats
+from .context import context_for
 from .identity import request_id
 from .primitives.lease import Lease, LeasePool, LeaseTimeout, PoolClosed
-from .primitives.registry import Registry
 
 __all__ = ["BrowserCrashed", "PlaywrightCallTimeout", "PlaywrightSlotTimeout",
            "SafePlaywrightDownloadHandler",
@@ -157,7 +157,7 @@ class _Session:
         self.name = name
         self.opts = ad_settings.load(crawler.settings, "playwright")
         self.stats = crawler.stats
-        self.registry = Registry.for_owner(crawler)
+        self.registry = context_for(crawler).registry
         self.handlers: set[int] = set()
         self.provider: Any = None
         self.browser: Browser | None = None

@@ -45,6 +45,7 @@ from scrapy.utils.defer import deferred_from_coro
 from . import settings as ad_settings
 from . import signals as ad_signals
 from . import stats as ad_stats
+from .context import context_for
 from .identity import request_id, strip_credentials
 from .journal import QUARANTINED, journal_for, keep_pending
 from .primitives.deadletter import DeadLetterStore
@@ -66,11 +67,10 @@ REQUEUES_KEY = "antideadlock_requeues"
 CANCELLED_KEY = "antideadlock_recovery_cancel"
 _DEADLINE_KEY = "antideadlock_deadline"
 
-_instances: dict[int, Recovery] = {}
 
 
 def recovery_for(crawler: Crawler) -> Recovery | None:
-    return _instances.get(id(crawler))
+    return context_for(crawler).get("recovery")
 
 
 class Recovery:
@@ -94,7 +94,7 @@ class Recovery:
         self._blocked_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._quarantine: DeadLetterStore | None = None
-        _instances[id(crawler)] = self
+        context_for(crawler).put("recovery", self)
         sig = crawler.signals
         sig.connect(self.spider_opened, signal=signals.spider_opened)
         sig.connect(self.spider_closed, signal=signals.spider_closed)
@@ -132,7 +132,7 @@ class Recovery:
     def engine_stopped(self) -> None:
         self.closed.set()
         self._stop_threads()
-        _instances.pop(id(self.crawler), None)
+        context_for(self.crawler).remove("recovery", self)
 
     def _stop_threads(self) -> None:
         self._stop.set()

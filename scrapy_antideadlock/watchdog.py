@@ -38,18 +38,19 @@ from scrapy.exceptions import NotConfigured
 from . import settings as ad_settings
 from . import signals as ad_signals
 from . import stats as ad_stats
+from .compat import scrapy as compat
+from .context import context_for
 from .identity import META_KEY, describe, strip_credentials
 from .loopmonitor import LoopMonitor
 from .primitives.deadline import LatencyTracker
 from .primitives.progress import ProgressMeter
-from .primitives.registry import PoolSnapshot, Registry
+from .primitives.registry import PoolSnapshot
 from .primitives.waitgraph import WaitGraph, analyse
 
 logger = logging.getLogger(__name__)
 
 MAX_KEPT_DIAGNOSES = 100
 CLASSES = ("blocked_loop", "deadlock", "livelock", "stalled_io", "unknown")
-_INSTANCES: weakref.WeakKeyDictionary[Any, Watchdog] = weakref.WeakKeyDictionary()
 _ITEM_KINDS = ("pg", "buffer")  # units of these pools are held by items, not downloads
 # exception names that mean "the peer did not answer in time" (Twisted, Scrapy, this pack)
 _TIMEOUT_WORDS = ("TimeoutError", "DeadlineExceeded", "DownloadCancelled", "ResponseNeverReceived")
@@ -57,7 +58,7 @@ _TIMEOUT_WORDS = ("TimeoutError", "DeadlineExceeded", "DownloadCancelled", "Resp
 
 def watchdog_for(crawler: Any) -> Watchdog | None:
     """The crawler's running :class:`Watchdog`, or None when it is off."""
-    return _INSTANCES.get(crawler)
+    return context_for(crawler).get("watchdog")
 
 
 class Watchdog:
@@ -67,7 +68,7 @@ class Watchdog:
         self.crawler = crawler
         self.cfg = cfg
         self.stats = crawler.stats
-        self.registry = Registry.for_owner(crawler)
+        self.registry = context_for(crawler).registry
         self.meter = ProgressMeter(
             [f"progress:{name}" for name in cfg.progress_stats],
             [f"churn:{name}" for name in cfg.churn_stats] + ["churn:lease_grants"],
@@ -115,7 +116,7 @@ class Watchdog:
                     signal=scrapy_signals.request_reached_downloader)
         sig.connect(watchdog._left_downloader, signal=scrapy_signals.request_left_downloader)
         sig.connect(watchdog._download_cancelled, signal=ad_signals.download_cancelled)
-        _INSTANCES[crawler] = watchdog
+        context_for(crawler).put("watchdog", watchdog)
         return watchdog
 
     # ------------------------------------------------------------------ life cycle
@@ -315,16 +316,14 @@ class Watchdog:
                                "scraping": 0, "any": False}
         if engine is None:
             return out
-        slot = getattr(engine, "_slot", None)
         try:
-            out["in_progress"] = len(slot.inprogress) if slot is not None else 0
+            out["in_progress"] = len(compat.in_progress(engine) or ())
             out["downloading"] = len(engine.downloader.active)
-            scraper_slot = getattr(engine.scraper, "slot", None)
-            out["scraping"] = len(scraper_slot.active) if scraper_slot is not None else 0
-            scheduler = slot.scheduler if slot is not None else None
+            out["scraping"] = len(compat.scraper_active(engine))
+            scheduler = compat.scheduler_of(engine)
             out["scheduled"] = len(scheduler) if scheduler is not None \
                 and hasattr(scheduler, "__len__") else 0
-            idle = engine.spider_is_idle() if slot is not None else True
+            idle = engine.spider_is_idle() if scheduler is not None else True
         except (RuntimeError, AttributeError, TypeError):
             idle = True
         out["any"] = (not idle) or out["in_progress"] > 0
@@ -530,7 +529,7 @@ class Watchdog:
         scraping: set[str] = set()
         engine = _engine(self.crawler)
         try:
-            for request in list(getattr(engine.scraper.slot, "active", ())):
+            for request in compat.scraper_active(engine):
                 if META_KEY in request.meta:
                     requests.setdefault(request.meta[META_KEY], request)
                     scraping.add(request.meta[META_KEY])
@@ -612,11 +611,7 @@ class Watchdog:
 
     def _in_callbacks(self, limit: int = 10) -> list[str]:
         """Requests whose callback or items are still being processed."""
-        engine = _engine(self.crawler)
-        try:
-            active = list(engine.scraper.slot.active)
-        except (AttributeError, RuntimeError):
-            return []
+        active = list(compat.scraper_active(_engine(self.crawler)))
         return [describe(request) for request in active[:limit]]
 
     def _write_file(self) -> None:

@@ -17,9 +17,9 @@ import pytest
 import pytest_twisted
 from scrapy import Request
 
+from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.downloader import guard_for, inflight_for
 from scrapy_antideadlock.exceptions import DeadlineExceeded, DownloadCancelled
-from scrapy_antideadlock.primitives import Registry
 from scrapy_antideadlock.testing import Fault, SiteSpider, run_crawl
 
 GUARD = "scrapy_antideadlock.downloader.GuardedDownloadHandler"
@@ -66,7 +66,7 @@ def settings(**extra: Any) -> dict[str, Any]:
 
 def assert_nothing_held(result: Any) -> None:
     """The registry shows every pool empty, and no download is left in flight."""
-    for snap in Registry.for_owner(result.crawler).snapshot():
+    for snap in context_for(result.crawler).registry.snapshot():
         if snap.kind == "proxy":
             assert snap.in_use == 0, snap
             assert snap.holders == () and snap.waiters == (), snap
@@ -257,7 +257,7 @@ async def test_all_proxy_slots_held_by_hanging_requests(make_fault_site, make_fa
         while True:
             crawler = getattr(CapturingSpider.last, "crawler", None)
             if crawler is not None:
-                for snap in Registry.for_owner(crawler).snapshot():
+                for snap in context_for(crawler).registry.snapshot():
                     if snap.kind == "proxy":
                         owners = {e.owner: e.request.url for e in inflight_for(crawler).items()}
                         seen.append((snap, owners))
@@ -304,7 +304,7 @@ async def test_proxy_credentials_never_logged(make_fault_site, make_fault_proxy,
                              timeout=30, start_url=site.start_url)
     assert sorted(result.keys()) == sorted(site.item_keys())  # auth worked: no 407
     assert 407 not in proxy.statuses and proxy.requests >= 5  # really through the proxy
-    snapshots = repr(Registry.for_owner(result.crawler).snapshot())
+    snapshots = repr(context_for(result.crawler).registry.snapshot())
     for text in (caplog.text, repr(result.stats), snapshots):
         assert "s3cr3t-pw" not in text
     assert proxy.url in snapshots

@@ -12,9 +12,9 @@ from scrapy.utils.test import get_crawler
 
 from scrapy_antideadlock import Addon
 from scrapy_antideadlock import stats as ad_stats
+from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.downloader import GUARD_PATH, GuardedDownloadHandler
 from scrapy_antideadlock.exceptions import DeadlineExceeded
-from scrapy_antideadlock.primitives import Registry
 from scrapy_antideadlock.settings import SettingError
 from scrapy_antideadlock.testing import Fault, SiteSpider, chromium_launch_options, run_crawl
 
@@ -88,7 +88,7 @@ def test_proxy_pool_registered_without_credentials() -> None:
     from scrapy_antideadlock.downloader import guard_for
 
     guard = guard_for(crawler)
-    [snap] = [s for s in Registry.for_owner(crawler).snapshot() if s.kind == "proxy"]
+    [snap] = [s for s in context_for(crawler).registry.snapshot() if s.kind == "proxy"]
     assert snap.capacity == 5 and snap.in_use == 0
     assert sorted(snap.extra["members"]) == ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
     assert "pw1" not in repr(snap) and "pw1" not in repr(guard.endpoints)

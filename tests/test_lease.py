@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.primitives import (
     LeasePool,
     LeaseTimeout,
@@ -241,13 +242,13 @@ def test_registry_per_owner_and_duplicate_names():
         pass
 
     c1, c2 = Crawler(), Crawler()
-    assert Registry.for_owner(c1) is Registry.for_owner(c1)
-    assert Registry.for_owner(c1) is not Registry.for_owner(c2)
-    Registry.for_owner(c1).register(LeasePool("x", 1))
+    assert context_for(c1).registry is context_for(c1).registry
+    assert context_for(c1).registry is not context_for(c2).registry
+    context_for(c1).registry.register(LeasePool("x", 1))
     with pytest.raises(ValueError):
-        Registry.for_owner(c1).register(LeasePool("x", 1))
+        context_for(c1).registry.register(LeasePool("x", 1))
     with pytest.raises(TypeError):
-        Registry.for_owner(c1).register(object())
+        context_for(c1).registry.register(object())
 
 
 OPS = st.lists(

@@ -17,10 +17,10 @@ from psycopg import sql
 from scrapy.utils.defer import deferred_f_from_coro_f
 
 from scrapy_antideadlock import stats as ad_stats
+from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.pipeline import EngineOptions, Stats, UpsertEngine, parse_tables
 from scrapy_antideadlock.pipeline.config import spec_for
 from scrapy_antideadlock.primitives.deadletter import DeadLetterStore, read_dead_letters
-from scrapy_antideadlock.primitives.registry import Registry
 from scrapy_antideadlock.testing import (
     Latency,
     SiteSpider,
@@ -227,7 +227,7 @@ async def test_row_locked_elsewhere_retries_then_stores(make_fault_site, pg_dsn,
 
     class Watching(SiteSpider):
         def parse_item(self, response, **kwargs):
-            registry = Registry.for_owner(self.crawler)
+            registry = context_for(self.crawler).registry
             snap = {s.kind: s for s in registry.snapshot()}
             seen.append(snap)
             if self.crawler.stats.get_value(ad_stats.PG_LOCK_TIMEOUTS, 0) >= 2 and \

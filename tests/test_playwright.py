@@ -25,12 +25,13 @@ from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
 from scrapy_playwright.page import PageMethod
 
 from scrapy_antideadlock import stats as ad_stats
+from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.playwright import (
     PlaywrightCallTimeout,
     PlaywrightSlotTimeout,
     SafePlaywrightDownloadHandler,
 )
-from scrapy_antideadlock.primitives import LeaseTimeout, Registry
+from scrapy_antideadlock.primitives import LeaseTimeout
 from scrapy_antideadlock.settings import SettingError
 from scrapy_antideadlock.testing import Fault, SiteSpider, chromium_launch_options, run_crawl
 
@@ -245,7 +246,7 @@ def req(url: str, **meta: Any) -> scrapy.Request:
 
 
 def page_pools(handler: SafePlaywrightDownloadHandler) -> list[Any]:
-    return [p.snapshot() for p in Registry.for_owner(handler.crawler).pools() if p.kind == "page"]
+    return [p.snapshot() for p in context_for(handler.crawler).registry.pools() if p.kind == "page"]
 
 
 async def wait_for_hanging(site: Any, count: int, timeout: float = 15) -> None:
@@ -385,7 +386,7 @@ async def test_new_context_wait_does_not_block_existing_contexts(chromium: str,
         first, waiting, existing = await context_lock_scenario(handler, site)
         assert existing.done() and existing.result().status == 200
         assert not waiting.done()
-        (contexts,) = [p.snapshot() for p in Registry.for_owner(handler.crawler).pools()
+        (contexts,) = [p.snapshot() for p in context_for(handler.crawler).registry.pools()
                        if p.kind == "context"]
         assert contexts.in_use == 1 and [w.owner for w in contexts.waiters] == ["context:b"]
         await first.meta["playwright_page"].close()  # user code done with "a": now idle
@@ -638,7 +639,7 @@ def test_http_and_https_share_one_browser(share: bool) -> None:
     http = SafePlaywrightDownloadHandler.from_crawler(crawler)
     https = SafePlaywrightDownloadHandler.from_crawler(crawler)
     assert (http.session is https.session) is share
-    contexts = [p for p in Registry.for_owner(crawler).pools() if p.kind == "context"]
+    contexts = [p for p in context_for(crawler).registry.pools() if p.kind == "context"]
     assert len(contexts) == (1 if share else 2)
 
 

@@ -14,6 +14,7 @@ import pytest_twisted
 from scrapy import signals
 
 from scrapy_antideadlock import signals as ad_signals
+from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.testing import FaultSite, Latency, SiteSpider, run_crawl
 from scrapy_antideadlock.watchdog import watchdog_for
 
@@ -89,11 +90,11 @@ class StickyProxyMiddleware:
     """Leases a slot of the real FaultProxy per request; detail pages keep it (sticky)."""
 
     def __init__(self, crawler: Any) -> None:
-        from scrapy_antideadlock.primitives import LeasePool, Registry
+        from scrapy_antideadlock.primitives import LeasePool
 
         self.proxy_url = crawler.settings["TEST_PROXY_URL"]
         self.pool = LeasePool("proxy", {self.proxy_url: 2}, kind="proxy")
-        Registry.for_owner(crawler).register(self.pool)
+        context_for(crawler).registry.register(self.pool)
         self.sticky: dict[str, Any] = {}
 
     @classmethod
@@ -140,13 +141,13 @@ class NaiveEnrichPipeline:
     async def open_spider(self) -> None:
         import psycopg
 
-        from scrapy_antideadlock.primitives import LeasePool, Registry
+        from scrapy_antideadlock.primitives import LeasePool
 
         self.conn = await psycopg.AsyncConnection.connect(
             self.crawler.settings["TEST_PG_DSN"], autocommit=True)
         await self.conn.execute("CREATE TABLE IF NOT EXISTS wd_items (key text PRIMARY KEY)")
         self.db = LeasePool("db", 1, kind="pg")
-        Registry.for_owner(self.crawler).register(self.db)
+        context_for(self.crawler).registry.register(self.db)
         self.crawler.test_db_pool = self.db
 
     async def close_spider(self) -> None:

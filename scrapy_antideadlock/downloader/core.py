@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,8 @@ from twisted.python.failure import Failure
 from .. import settings as ad_settings
 from .. import signals as ad_signals
 from .. import stats as ad_stats
+from ..compat import scrapy as compat
+from ..context import context_for
 from ..exceptions import DeadlineExceeded, DownloadCancelled, ProxyLeaseTimeout
 from ..identity import describe, request_id
 from ..primitives import (
@@ -30,7 +31,6 @@ from ..primitives import (
     LeasePool,
     LeaseTimeout,
     PoolClosed,
-    Registry,
     TimeoutPolicy,
 )
 from .proxies import ProxyEndpoint, parse_proxies
@@ -175,7 +175,7 @@ class DownloadGuard:
             self.endpoints, caps = parse_proxies(p.list, p.capacity)
             self.pool = LeasePool("proxy", caps, kind="proxy", cooldown_base=p.cooldown_base,
                                   cooldown_max=p.cooldown_max)
-            Registry.for_owner(crawler).register(self.pool)
+            context_for(crawler).registry.register(self.pool)
 
         crawler.signals.connect(self.spider_opened, signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signals.spider_closed)
@@ -436,7 +436,7 @@ class DownloadGuard:
         if downloader is None or self.lent >= self.lend_cap:
             return
         slot = downloader.slots.get(entry.request.meta.get("download_slot", entry.slot))
-        downloader.total_concurrency += 1
+        compat.lend_concurrency(downloader, 1)
         if slot is not None:
             slot.concurrency += 1
         entry.lent = slot if slot is not None else True
@@ -449,7 +449,7 @@ class DownloadGuard:
         slot, entry.lent = entry.lent, None
         downloader = self._downloader
         if downloader is not None:
-            downloader.total_concurrency -= 1
+            compat.lend_concurrency(downloader, -1)
         if slot is not True:
             slot.concurrency -= 1
         self.lent -= 1
@@ -534,12 +534,8 @@ def _stat_key(slot: str) -> str:
 def _kick(crawler: Crawler, slot: Any) -> None:
     """Let the engine and the slot use a lent unit now, not at the next heartbeat (5 s)."""
     engine = _engine(crawler)
-    nextcall = getattr(getattr(engine, "_slot", None), "nextcall", None)
-    if nextcall is not None:
-        nextcall.schedule()
-    process_queue = getattr(getattr(engine, "downloader", None), "_process_queue", None)
-    if slot is not None and process_queue is not None:
-        process_queue(slot)
+    compat.wake_engine(engine)
+    compat.process_download_slot(engine, slot)
 
 
 def _engine(crawler: Crawler) -> Any:
@@ -555,15 +551,9 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-_guards: weakref.WeakKeyDictionary[Any, DownloadGuard] = weakref.WeakKeyDictionary()
-
-
 def guard_for(crawler: Crawler) -> DownloadGuard:
     """The crawler's :class:`DownloadGuard`, created on first use."""
-    guard = _guards.get(crawler)
-    if guard is None:
-        guard = _guards[crawler] = DownloadGuard(crawler)
-    return guard
+    return context_for(crawler).setdefault("guard", lambda: DownloadGuard(crawler))
 
 
 def inflight_for(crawler: Crawler) -> InFlightTracker:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from scrapy.exceptions import NotConfigured, NotSupported
@@ -22,6 +21,7 @@ from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler, load_object
 
 from .. import settings as ad_settings
+from ..context import context_for
 from .core import guard_for
 
 if TYPE_CHECKING:
@@ -113,9 +113,6 @@ def _is_guard(path: Any) -> bool:
         return False
 
 
-_wrapped: weakref.WeakKeyDictionary[Any, _WrappedHandlers] = weakref.WeakKeyDictionary()
-
-
 class GuardedDownloadHandler:
     """Cancellable download handler; put it in DOWNLOAD_HANDLERS for http/https."""
 
@@ -124,10 +121,8 @@ class GuardedDownloadHandler:
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
         self.guard = guard_for(crawler)
-        wrapped = _wrapped.get(crawler)
-        if wrapped is None:
-            wrapped = _wrapped[crawler] = _WrappedHandlers(crawler)
-        self.wrapped = wrapped
+        self.wrapped = context_for(crawler).setdefault(
+            "wrapped_handlers", lambda: _WrappedHandlers(crawler))
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> GuardedDownloadHandler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ..primitives import Registry
+from ..context import context_for
 
 if TYPE_CHECKING:
     from .core import DownloadGuard
@@ -20,7 +20,7 @@ def preflight_rows(guard: DownloadGuard) -> list[tuple[str, int, str, int, str]]
     per_domain = settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN")
     per_ip = settings.getint("CONCURRENT_REQUESTS_PER_IP")
     rows = []
-    for snap in Registry.for_owner(guard.crawler).snapshot():
+    for snap in context_for(guard.crawler).registry.snapshot():
         if snap.capacity <= 0:
             continue
         checks = [("CONCURRENT_REQUESTS", total)]

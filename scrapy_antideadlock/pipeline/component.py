@@ -17,8 +17,8 @@ from scrapy.crawler import Crawler
 from scrapy.exceptions import DropItem, NotConfigured
 
 from .. import settings as ad_settings
+from ..context import context_for
 from ..primitives.deadletter import DeadLetterStore
-from ..primitives.registry import Registry
 from .config import SpecResolver, TableSpec, item_type_name, parse_tables, redact_dsn
 from .engine import EngineOptions, UpsertEngine
 
@@ -72,7 +72,7 @@ class PostgresUpsertPipeline:
                                           lock_timeout=conf.deadletter_lock_timeout)
         self.engine = UpsertEngine(conf.dsn, self.specs, options, deadletter=self.deadletter,
                                    stats=crawler.stats)
-        self.registry = Registry.for_owner(crawler)
+        self.registry = context_for(crawler).registry
         # Looked up once: process_item runs per item.
         self.origins = origins_for(crawler) if origins_for is not None else None
 

@@ -10,7 +10,6 @@ never a component's privates — and they may do so from another thread, so
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,23 +60,11 @@ class Pool(Protocol):
 
 
 class Registry:
-    """Every pool of one crawler; look it up with :meth:`for_owner`."""
-
-    _by_owner: weakref.WeakKeyDictionary[Any, Registry] = weakref.WeakKeyDictionary()
-    _class_lock = threading.Lock()
+    """Every pool of one crawler (the crawler context holds it: ``context_for(crawler).registry``)."""
 
     def __init__(self) -> None:
         self._pools: dict[str, Pool] = {}
         self._lock = threading.Lock()
-
-    @classmethod
-    def for_owner(cls, owner: Any) -> Registry:
-        """The registry of ``owner`` (a crawler), created on first use."""
-        with cls._class_lock:
-            registry = cls._by_owner.get(owner)
-            if registry is None:
-                registry = cls._by_owner[owner] = cls()
-            return registry
 
     def register(self, pool: Pool) -> None:
         if not isinstance(pool, Pool):
