@@ -18,7 +18,7 @@ writer end). Writers import their modules before the clock starts, and (c) holds
 the items in flight (as a crawl does), so neither import time nor the bench's own
 bookkeeping is counted against a method. "writer CPU" is the writer processes' CPU
 time per item (client side only): steadier than rows/s on a shared machine. (a) and (b) run fewer items by default and are extrapolated as rows/s.
-Sessions use ``deadlock_timeout=100ms`` (as in FIELD-NOTES) so (b) finishes in time;
+Sessions use ``deadlock_timeout=100ms`` (docs/pipeline.md) so (b) finishes in time;
 with the server default of 1 s, (b) is about 10x slower still.
 """
 

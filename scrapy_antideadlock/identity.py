@@ -1,4 +1,4 @@
-"""Stable owner ids: a lease's owner is the request (DESIGN "Owner identity").
+"""Stable owner ids: a lease's owner is the request (docs/internals.md, "Owner identity").
 
 The id lives in ``request.meta`` so it survives retries and redirects (Scrapy copies
 meta into the new request), which lets the wait-for graph join what one request
@@ -12,7 +12,9 @@ import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-META_KEY = "antideadlock_id"
+from . import metakeys
+
+META_KEY = metakeys.REQUEST_ID
 _counter = itertools.count(1)
 _prefix = f"r{os.getpid():x}-"
 

@@ -1,6 +1,6 @@
 """RequestJournal extension: resume a crawl after SIGKILL or a hard exit without a loss.
 
-JOBDIR survives only a clean close (FIELD-NOTES: a SIGKILL lost 171 of 400 URLs).
+JOBDIR survives only a clean close (docs/recovery.md: after a SIGKILL a resumed run finds nothing to do).
 This extension writes every request to a write-ahead journal
 (:mod:`scrapy_antideadlock.primitives.journal`) when it is scheduled, and marks it
 done only when its callback finished and its items passed the pipelines (seen by
@@ -33,6 +33,7 @@ from scrapy.crawler import Crawler
 from scrapy.exceptions import IgnoreRequest, NotConfigured
 from scrapy.utils.request import request_from_dict
 
+from . import metakeys
 from . import settings as ad_settings
 from . import stats as ad_stats
 from .context import context_for
@@ -45,14 +46,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RequestJournal", "journal_for", "JOURNAL_KEY", "KEEP_PENDING"]
 
-#: Meta flag: the request ended cancelled and must stay pending (set on cancel).
-KEEP_PENDING = "antideadlock_journal_keep"
-#: Meta flag: the request was quarantined; its end is final (done).
-QUARANTINED = "antideadlock_quarantined"
+KEEP_PENDING = metakeys.JOURNAL_KEEP  # the request ended cancelled and must stay pending
+QUARANTINED = metakeys.QUARANTINED  # the request was quarantined; its end is final (done)
 # Meta that means nothing in another process: absolute monotonic deadlines, live objects,
 # owner ids (made of the pid, which a restarted container reuses).
-_DROP_META = ("antideadlock_deadline", "antideadlock_id", "download_latency", "download_slot",
-              "playwright_page", KEEP_PENDING, "antideadlock_recovery_cancel")
+_DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
 _SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
 _PICKLED = "$pickle"
 

@@ -1,6 +1,6 @@
 """Which request produced each item, and when a request is really done.
 
-A request is *done* (DESIGN "Durability") only when its callback (or errback)
+A request is *done* (docs/recovery.md, "Durability") only when its callback (or errback)
 finished AND every item it yielded passed the pipelines (scraped, dropped or
 errored; pipelines return only after commit). That is the moment Scrapy's engine
 drops the request from its in-progress set: ``Scraper.enqueue_scrape`` awaits the
@@ -25,6 +25,7 @@ from scrapy import Request, signals
 from scrapy.crawler import Crawler
 from scrapy.http import Response
 
+from . import metakeys
 from .compat import scrapy as compat
 from .context import context_for
 from .identity import META_KEY as OWNER_META_KEY
@@ -34,8 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ItemOriginMiddleware", "OriginTracker", "origins_for", "JOURNAL_KEY"]
 
-#: Meta key of the journal record of a request (set by the journal extension).
-JOURNAL_KEY = "antideadlock_journal_key"
+JOURNAL_KEY = metakeys.JOURNAL_KEY
 _CHILD_RESET = (OWNER_META_KEY, JOURNAL_KEY)
 
 

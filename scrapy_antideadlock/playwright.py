@@ -63,6 +63,7 @@ from scrapy_playwright.handler import (
 )
 from scrapy_playwright.page import PageMethod
 
+from . import metakeys
 from . import settings as ad_settings
 from . import stats as ad_stats
 from .context import context_for
@@ -267,7 +268,7 @@ class _Session:
     def _deadline(self, request: Request) -> float:
         now = time.monotonic()
         bounds = [now + 365 * 86400.0]
-        absolute = request.meta.get("antideadlock_deadline")
+        absolute = request.meta.get(metakeys.DEADLINE)
         if isinstance(absolute, (int, float)) and not isinstance(absolute, bool):
             bounds.append(float(absolute))
         timeout = request.meta.get("download_timeout")

@@ -1,6 +1,6 @@
 """Recovery: the watchdog's escalation ladder, each step bounded in time.
 
-On ``stall_detected`` (DESIGN "Escalation"):
+On ``stall_detected`` (docs/recovery.md, "Escalation"):
 
 1. **cancel** in-flight downloads that are stuck — past their deadline, or
    transferring (or, in a deadlock, waiting for a lease) for longer than the
@@ -42,6 +42,7 @@ from scrapy.crawler import Crawler
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.defer import deferred_from_coro
 
+from . import metakeys
 from . import settings as ad_settings
 from . import signals as ad_signals
 from . import stats as ad_stats
@@ -61,11 +62,9 @@ EXIT_CLOSE_TIMEOUT = 75
 #: Exit code when the event loop stayed blocked past RECOVERY_BLOCKED_LOOP_EXIT_AFTER.
 EXIT_BLOCKED_LOOP = 76
 LEVELS = ("off", "recover", "close", "exit")
-#: Meta: how many times recovery requeued this request.
-REQUEUES_KEY = "antideadlock_requeues"
-#: Meta: the stall class for which recovery cancelled this request (read by the middleware).
-CANCELLED_KEY = "antideadlock_recovery_cancel"
-_DEADLINE_KEY = "antideadlock_deadline"
+REQUEUES_KEY = metakeys.REQUEUES
+CANCELLED_KEY = metakeys.RECOVERY_CANCEL
+_DEADLINE_KEY = metakeys.DEADLINE
 
 
 

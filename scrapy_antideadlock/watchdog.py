@@ -35,6 +35,7 @@ from typing import Any
 from scrapy import signals as scrapy_signals
 from scrapy.exceptions import NotConfigured
 
+from . import metakeys
 from . import settings as ad_settings
 from . import signals as ad_signals
 from . import stats as ad_stats
@@ -367,7 +368,7 @@ class Watchdog:
         if not out:
             for key, (request, first_seen) in list(self._inflight_seen.items()):
                 started = self._transfer_started.get(key)
-                deadline = request.meta.get("antideadlock_deadline")
+                deadline = request.meta.get(metakeys.DEADLINE)
                 if deadline is None and started is not None:
                     timeout = request.meta.get("download_timeout")
                     if isinstance(timeout, (int, float)) and timeout > 0:

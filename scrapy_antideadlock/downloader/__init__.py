@@ -1,4 +1,4 @@
-"""Deadlines, proxy-slot leases and cancellable downloads (issue 3).
+"""Deadlines, proxy-slot leases and cancellable downloads.
 
 - :class:`DeadlineMiddleware` (DOWNLOADER_MIDDLEWARES, priority 340)
 - :class:`GuardedDownloadHandler` (DOWNLOAD_HANDLERS for http/https; wraps the

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from scrapy import signals
 from twisted.python.failure import Failure
 
+from .. import metakeys
 from .. import settings as ad_settings
 from .. import signals as ad_signals
 from .. import stats as ad_stats
@@ -44,12 +45,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEADLINE_KEY = "antideadlock_deadline"  # absolute time.monotonic() (contract)
-USER_TIMEOUT_KEY = "antideadlock_user_timeout"  # the user's own download_timeout, or None
-RETRY_COUNT_KEY = "antideadlock_deadline_retries"
-LEASE_RETRY_KEY = "antideadlock_lease_retries"
-PROXY_MARK_KEY = "antideadlock_proxy"  # member name of the proxy *we* put in meta["proxy"]
-NO_PROXY_KEY = "antideadlock_no_proxy"  # set True to skip proxy leasing for a request
+DEADLINE_KEY = metakeys.DEADLINE
+USER_TIMEOUT_KEY = metakeys.USER_TIMEOUT
+RETRY_COUNT_KEY = metakeys.DEADLINE_RETRIES
+LEASE_RETRY_KEY = metakeys.LEASE_RETRIES
+PROXY_MARK_KEY = metakeys.PROXY_MARK
+NO_PROXY_KEY = metakeys.NO_PROXY
 _INNER_TIMEOUT_MARGIN = 0.5  # the wrapped handler's own timer fires after ours
 _TIMEOUT_CACHE_TTL = 0.5  # recompute a slot's deadline at most twice a second
 
@@ -254,7 +255,7 @@ class DownloadGuard:
         return DeadlineExceeded(entry.timeout, time.monotonic() - entry.started, stage, reason)
 
     def remove_from_slot_queue(self, entry: InFlightDownload) -> bool:
-        """Fail a request still waiting in its downloader slot queue (FIELD-NOTES: safe)."""
+        """Fail a request still waiting in its downloader slot queue (safe: docs/internals.md)."""
         downloader = self._downloader
         if downloader is None:
             return False

@@ -1,6 +1,6 @@
 """GuardedDownloadHandler: wraps the configured handler of each scheme, cancellably.
 
-Cancelling Scrapy's own transfer task hangs the engine (FIELD-NOTES); this handler
+Cancelling Scrapy's own transfer task hangs the engine (docs/internals.md); this handler
 runs each download in a task of its own and, on a cancel or a missed deadline,
 cancels that task (aborting the connection) and raises an ordinary exception, so
 the engine carries on and the request reaches ``process_exception``.

@@ -1,4 +1,4 @@
-"""Preflight: warn at start when concurrency exceeds a pool (the seed's W_active > C_max)."""
+"""Preflight: warn at start when concurrency exceeds a pool (more requests may be active than the pool has units)."""
 
 from __future__ import annotations
 

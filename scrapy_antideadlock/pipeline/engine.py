@@ -59,7 +59,7 @@ from .config import TableSpec, redact_dsn, scrub
 
 logger = logging.getLogger(__name__)
 
-#: SQLSTATEs worth retrying (FIELD-NOTES): deadlock, lock timeout, statement timeout /
+#: SQLSTATEs worth retrying (docs/pipeline.md): deadlock, lock timeout, statement timeout /
 #: cancel, serialization failure, admin/crash shutdown, cannot connect now,
 #: idle-in-transaction timeout. Never 21000 (a duplicate key in one statement: dedupe).
 RETRY_SQLSTATES = frozenset({"40P01", "55P03", "57014", "40001", "57P01", "57P02", "57P03",

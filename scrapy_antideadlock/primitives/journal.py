@@ -1,4 +1,4 @@
-"""A crash-safe request journal: write-ahead, at-least-once (DESIGN "Durability").
+"""A crash-safe request journal: write-ahead, at-least-once (docs/recovery.md, "Durability").
 
 Each request is recorded when it is *scheduled* and marked *done* only after its
 callback finished and its items were stored. The file is append-only JSONL, written
