@@ -468,6 +468,33 @@ _define("recovery", "RECOVERY_QUARANTINE_FILE", None, optional_text, "a file pat
         "<JOBDIR>/antideadlock-quarantine.jsonl, else only logged.")
 
 
+# ---- fleet (Redis: shared proxy leases, reliable scrapy-redis queue) ----------------------
+# (section owned by the fleet package)
+_define("fleet", "FLEET_REDIS_URL", None, optional_text, "a redis:// URL or None",
+        "Fleet mode: proxy leases kept in this Redis, shared by every worker (None = local).")
+_define("fleet", "FLEET_KEY_PREFIX", "antideadlock", text, "a string",
+        "Prefix of every Redis key the fleet writes (one per fleet/job).")
+_define("fleet", "FLEET_REDIS_TIMEOUT", 0.5, positive_float, "seconds > 0",
+        "Socket timeout of the pack's Redis calls (they run on the event loop: keep it short).")
+_define("fleet", "FLEET_REQUIRE_REDIS", False, as_bool, "a boolean",
+        "Redis unreachable is a hard error instead of degrading to local leases.")
+_define("fleet", "FLEET_RETRY_AFTER", 2.0, positive_float, "seconds > 0",
+        "After a Redis error, use local leases (and buffer queue writes) this long, then retry.")
+_define("fleet", "FLEET_POLL_INTERVAL", 0.05, positive_float, "seconds > 0",
+        "How often a waiter for a fleet lease asks Redis again (other workers release).")
+_define("fleet", "FLEET_LEASE_MAX_TTL", 300.0, positive_float, "seconds > 0",
+        "Redis TTL of a lease taken without an expiry (a dead worker's slot returns after it).")
+_define("fleet", "FLEET_WORKER_ID", None, optional_text, "a string or None",
+        "This worker's name in the fleet (None = host:pid:random).")
+_define("fleet", "FLEET_HEARTBEAT_INTERVAL", 1.0, positive_float, "seconds > 0",
+        "How often a worker writes its heartbeat (health JSON) and renews its requests.")
+_define("fleet", "FLEET_VISIBILITY_TIMEOUT", 10.0, positive_float, "seconds > HEARTBEAT_INTERVAL",
+        "A popped request stays leased to its worker this long past its last heartbeat; "
+        "then any worker re-delivers it.")
+_define("fleet", "FLEET_MAX_DELIVERIES", 3, positive_int, "an integer >= 1",
+        "Deliveries of one request (pops) before it goes to the fleet-wide quarantine.")
+
+
 # --------------------------------------------------------------------------- reading
 
 

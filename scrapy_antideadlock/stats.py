@@ -187,3 +187,29 @@ WATCHDOG_CLOSE_TIMEOUTS = _stat("watchdog/close_timeouts",
                                 "Closes that did not finish within the close deadline.")
 WATCHDOG_HARD_EXITS = _stat("watchdog/hard_exits/{reason}",
                             "Hard exits (os._exit) by reason: close_timeout, blocked_loop.")
+
+# ---- fleet -------------------------------------------------------------------------------
+# (section owned by the fleet package)
+FLEET_REDIS_ERRORS = _stat("fleet/redis_errors", "Redis calls of the pack that failed.")
+FLEET_DEGRADED = _stat("fleet/degraded",
+                       "Times Redis became unreachable and the worker went local (leases, queue "
+                       "writes buffered).")
+FLEET_LOCAL_GRANTS = _stat("fleet/local_grants",
+                           "Proxy leases granted from local counts while Redis was unreachable.")
+FLEET_LATE_RELEASES = _stat("fleet/late_releases",
+                            "Releases of a fleet lease that had already expired (a no-op).")
+FLEET_RENEW_LOST = _stat("fleet/renew_lost", "Renewals refused: the fleet lease had expired.")
+FLEET_PUSHED = _stat("fleet/pushed", "Requests pushed to the shared queue.")
+FLEET_POPPED = _stat("fleet/popped", "Requests popped (leased to this worker).")
+FLEET_ACKED = _stat("fleet/acked", "Leased requests acknowledged done (callback and items).")
+FLEET_STALE_ACKS = _stat("fleet/stale_acks",
+                         "Acks of requests already re-delivered elsewhere (removed anyway).")
+FLEET_NACKED = _stat("fleet/nacked",
+                     "Leased requests returned to the shared queue (cancelled, spider closed).")
+FLEET_REDELIVERED = _stat("fleet/redelivered",
+                          "Requests of dead workers this worker put back in the shared queue.")
+FLEET_QUARANTINED = _stat("fleet/quarantined",
+                          "Requests sent to the fleet-wide quarantine (deliveries or recovery).")
+FLEET_BUFFERED = _stat("fleet/buffered",
+                       "Queue writes (push, ack) buffered while Redis was unreachable.")
+FLEET_HEARTBEATS = _stat("fleet/heartbeats", "Heartbeats written.")

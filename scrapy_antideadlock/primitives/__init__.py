@@ -1,11 +1,20 @@
 """Primitives that know nothing of Scrapy, so they test in milliseconds."""
 
 from .deadline import LatencyHistogram, LatencyTracker, TimeoutPolicy
-from .lease import Lease, LeaseError, LeasePool, LeaseTimeout, PoolClosed, TooManyWaiters
+from .lease import (
+    BackendUnavailable,
+    Lease,
+    LeaseBackend,
+    LeaseError,
+    LeasePool,
+    LeaseTimeout,
+    PoolClosed,
+    TooManyWaiters,
+)
 from .registry import HolderInfo, Pool, PoolSnapshot, Registry, WaiterInfo
 
 __all__ = [
-    "HolderInfo", "LatencyHistogram", "LatencyTracker", "Lease", "LeaseError", "LeasePool",
+    "BackendUnavailable", "HolderInfo", "LeaseBackend", "LatencyHistogram", "LatencyTracker", "Lease", "LeaseError", "LeasePool",
     "LeaseTimeout", "Pool", "PoolClosed", "PoolSnapshot", "Registry", "TimeoutPolicy",
     "TooManyWaiters", "WaiterInfo",
 ]

@@ -9,6 +9,12 @@ A pool has one or more *members* (e.g. proxies), each with its own capacity. A
 member that fails can be put in cooldown (exponential backoff with jitter) so a
 dead proxy cannot hold the pool.
 
+A :class:`LeaseBackend` (e.g. Redis, in ``scrapy_antideadlock.fleet``) makes the
+grants shared by several processes: capacity, cooldown and expiry then hold across
+all of them, while waiting, timeouts and counters stay local. A backend that cannot
+be reached raises :class:`BackendUnavailable` and the pool grants from its local
+counts until the backend answers again.
+
 Runs on one asyncio loop. ``snapshot()`` and the counters may be read from any
 thread.
 """
@@ -21,8 +27,9 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .registry import HolderInfo, PoolSnapshot, WaiterInfo
 
@@ -53,6 +60,34 @@ class PoolClosed(LeaseError):
     """The pool was closed while waiting or before acquiring."""
 
 
+class BackendUnavailable(LeaseError):
+    """The shared backend cannot be reached now; the pool falls back to local grants."""
+
+
+class LeaseBackend(Protocol):
+    """Where a shared pool records its grants (each call atomic on the backend's side).
+
+    ``acquire`` picks the least-loaded member among ``candidates`` (name, capacity)
+    that is below capacity and not cooling down, records a grant for ``owner``
+    expiring after ``ttl`` seconds (None: the backend's longest lease) and returns
+    (member, fencing token). ``release``/``renew`` act only on that token, so a
+    holder whose grant already expired can never free or extend another's.
+    """
+
+    poll_interval: float  # how often local waiters re-ask (other processes release)
+
+    def acquire(self, candidates: Sequence[tuple[str, int]], owner: str,
+                ttl: float | None) -> tuple[str, int] | None: ...
+
+    def release(self, member: str, token: int) -> bool: ...
+
+    def renew(self, member: str, token: int, ttl: float | None) -> bool: ...
+
+    def cooldown(self, member: str, seconds: float) -> None: ...
+
+    def clear_cooldown(self, member: str) -> None: ...
+
+
 @dataclass(eq=False)
 class Lease:
     """One unit of ``member`` held by ``owner``; release it exactly once (more is a no-op)."""
@@ -66,6 +101,7 @@ class Lease:
     id: int = 0
     released: bool = False
     release_reason: str = ""
+    token: int | None = None  # fencing token of a backend grant (None: local grant)
 
     def release(self, reason: str = "released") -> bool:
         """Return the unit; True the first time, False (and counted) afterwards."""
@@ -123,6 +159,7 @@ class LeasePool:
         cooldown_base: float = 1.0,
         cooldown_max: float = 60.0,
         rng: random.Random | None = None,
+        backend: LeaseBackend | None = None,
     ) -> None:
         members = {"": capacity} if isinstance(capacity, int) else dict(capacity)
         if not members:
@@ -146,6 +183,8 @@ class LeasePool:
         self._closed = False
         self._wakeup: asyncio.TimerHandle | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.backend = backend
+        self._rotation = 0  # where the backend's candidate list starts (round-robin)
 
     # ------------------------------------------------------------------ acquiring
     @property
@@ -168,8 +207,7 @@ class LeasePool:
         with self._lock:
             if self._waiters:
                 return None
-            chosen = self._pick(member, self.clock())
-            return self._grant(chosen, owner, ttl, on_expire) if chosen else None
+            return self._take(member, owner, ttl, on_expire, self.clock())
 
     async def acquire(self, owner: str, timeout: float, *, ttl: float | None = None,
                       on_expire: Callable[[Lease], object] | None = None,
@@ -222,6 +260,29 @@ class LeasePool:
             except ValueError:
                 pass
 
+    def _take(self, wanted: str | None, owner: str, ttl: float | None,
+              on_expire: Callable[[Lease], object] | None, now: float) -> Lease | None:
+        """A grant now (from the backend if there is one and it answers), or None."""
+        if self.backend is not None:
+            names = [wanted] if wanted is not None else list(self._members)
+            if wanted is None and len(names) > 1:  # equal loads: rotate, like `granted`
+                self._rotation = (self._rotation + 1) % len(names)
+                names = names[self._rotation:] + names[:self._rotation]
+            candidates = [(n, self._members[n].capacity) for n in names
+                          if self._members[n].cooldown_until <= now]
+            if not candidates:
+                return None
+            try:
+                got = self.backend.acquire(candidates, owner, ttl)
+            except BackendUnavailable:
+                pass  # the backend said why (log, stat); grant from local counts
+            else:
+                if got is None:
+                    return None
+                return self._grant(self._members[got[0]], owner, ttl, on_expire, got[1])
+        chosen = self._pick(wanted, now)
+        return self._grant(chosen, owner, ttl, on_expire) if chosen else None
+
     def _pick(self, wanted: str | None, now: float) -> _Member | None:
         if wanted is not None:
             member = self._members[wanted]
@@ -236,10 +297,10 @@ class LeasePool:
         return best
 
     def _grant(self, member: _Member, owner: str, ttl: float | None,
-               on_expire: Callable[[Lease], object] | None) -> Lease:
+               on_expire: Callable[[Lease], object] | None, token: int | None = None) -> Lease:
         now = self.clock()
         lease = Lease(self, member.name, owner, now, None if ttl is None else now + ttl,
-                      on_expire, next(self._ids))
+                      on_expire, next(self._ids), token=token)
         member.in_use += 1
         member.granted += 1
         self._leases[lease.id] = lease
@@ -251,18 +312,22 @@ class LeasePool:
         now = self.clock()
         granted: list[tuple[_Waiter, Lease]] = []
         with self._lock:
+            refused: set[str | None] = set()  # asked already this round, and refused
             for waiter in list(self._waiters):
                 if waiter.future.done():
                     self._waiters.remove(waiter)
                     continue
-                chosen = self._pick(waiter.member, now)
-                if chosen is None:
+                if waiter.member in refused or None in refused:
+                    continue
+                lease = self._take(waiter.member, waiter.owner, waiter.ttl, waiter.on_expire,
+                                   now)
+                if lease is None:
+                    refused.add(waiter.member)
                     continue
                 self._waiters.remove(waiter)
                 waited = now - waiter.since
                 self.counters.max_wait = max(self.counters.max_wait, waited)
-                granted.append((waiter, self._grant(chosen, waiter.owner, waiter.ttl,
-                                                    waiter.on_expire)))
+                granted.append((waiter, lease))
         for waiter, lease in granted:
             waiter.future.set_result(lease)
         if self._waiters:
@@ -272,10 +337,15 @@ class LeasePool:
                 pass
 
     def _schedule_wakeup(self, loop: asyncio.AbstractEventLoop) -> None:
-        """If waiters wait only because members cool down, wake them when one is back."""
+        """If waiters wait only because members cool down, wake them when one is back.
+
+        With a backend, units are also freed by other processes: poll while anyone waits.
+        """
         now = self.clock()
         ends = [m.cooldown_until for m in self._members.values()
                 if m.cooldown_until > now and m.in_use < m.capacity]
+        if self.backend is not None and self._waiters:
+            ends.append(now + self.backend.poll_interval)
         if not ends:
             return
         if self._wakeup is not None:
@@ -294,6 +364,11 @@ class LeasePool:
             self._members[lease.member].in_use -= 1
             self.counters.released += 1
             self.counters.by_reason[reason] = self.counters.by_reason.get(reason, 0) + 1
+        if lease.token is not None and self.backend is not None:
+            try:
+                self.backend.release(lease.member, lease.token)
+            except BackendUnavailable:
+                pass  # the grant expires on the backend at its TTL
         self._dispatch()
         return True
 
@@ -316,6 +391,11 @@ class LeasePool:
         """Move a live lease's expiry to ``ttl`` seconds from now (None: no expiry)."""
         if not lease.released:
             lease.expires_at = None if ttl is None else self.clock() + ttl
+            if lease.token is not None and self.backend is not None:
+                try:
+                    self.backend.renew(lease.member, lease.token, ttl)
+                except BackendUnavailable:
+                    pass
 
     def start_sweeper(self, interval: float = 0.25) -> None:
         """Sweep every ``interval`` seconds on the running loop until :meth:`close`."""
@@ -338,13 +418,24 @@ class LeasePool:
             delay *= 0.5 + self._rng.random() / 2
             state.cooldown_until = max(state.cooldown_until, self.clock() + delay)
             self.counters.cooldowns += 1
+        if self.backend is not None:
+            try:
+                self.backend.cooldown(member, delay)
+            except BackendUnavailable:
+                pass
         return delay
 
     def mark_success(self, member: str) -> None:
         with self._lock:
             state = self._members[member]
+            was_failing = state.failures > 0 or state.cooldown_until > 0
             state.failures = 0
             state.cooldown_until = 0.0
+        if was_failing and self.backend is not None:
+            try:
+                self.backend.clear_cooldown(member)
+            except BackendUnavailable:
+                pass
         self._dispatch()
 
     def cooling_down(self) -> dict[str, float]:
@@ -379,8 +470,11 @@ class LeasePool:
             members = {m.name: {"in_use": m.in_use, "capacity": m.capacity,
                                 "cooldown": max(0.0, m.cooldown_until - now)}
                        for m in self._members.values()}
+            extra: dict[str, object] = {"members": members}
+            if self.backend is not None:
+                extra["backend"] = str(self.backend)
             return PoolSnapshot(self.name, self.kind, self.capacity, len(self._leases),
-                                holders, waiters, {"members": members})
+                                holders, waiters, extra)
 
     # ------------------------------------------------------------------ closing
     def close(self) -> None:

@@ -19,6 +19,7 @@ _WHERE = {
     "PostgresServer": "postgres", "postgres_dsn": "postgres",
     "start_embedded_postgres": "postgres",
     "chromium_launch_options": "browser", "find_chromium": "browser",
+    "RedisServer": "redis", "redis_url": "redis",
 }
 
 __all__ = [
@@ -30,10 +31,12 @@ __all__ = [
     "FaultSite",
     "Latency",
     "PostgresServer",
+    "RedisServer",
     "SiteSpider",
     "chromium_launch_options",
     "find_chromium",
     "postgres_dsn",
+    "redis_url",
     "run_crawl",
     "run_crawl_subprocess",
     "start_embedded_postgres",
@@ -70,5 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover
         start_embedded_postgres,
     )
     from scrapy_antideadlock.testing.proxy import FaultProxy
+    from scrapy_antideadlock.testing.redis import RedisServer, redis_url
     from scrapy_antideadlock.testing.site import Fault, FaultSite, Latency
     from scrapy_antideadlock.testing.spiders import SiteSpider

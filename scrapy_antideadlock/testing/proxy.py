@@ -42,6 +42,7 @@ class FaultProxy(ThreadedServer):
         self._lock = threading.Lock()
         self._requests = 0
         self._active = 0
+        self._max_active = 0
         self._by_mode: Counter[str] = Counter()
         self._statuses: Counter[int] = Counter()
         self._targets: list[str] = []
@@ -86,6 +87,16 @@ class FaultProxy(ThreadedServer):
             return self._active
 
     @property
+    def max_active(self) -> int:
+        """Most requests handled at the same instant since start (or :meth:`reset_max_active`)."""
+        with self._lock:
+            return self._max_active
+
+    def reset_max_active(self) -> None:
+        with self._lock:
+            self._max_active = self._active
+
+    @property
     def by_mode(self) -> Counter[str]:
         """Requests per mode they were handled in (a copy)."""
         with self._lock:
@@ -127,6 +138,7 @@ class FaultProxy(ThreadedServer):
             with self._lock:
                 self._requests += 1
                 self._active += 1
+                self._max_active = max(self._max_active, self._active)
                 self._by_mode[mode] += 1
                 self._targets.append(target)
             try:
@@ -226,16 +238,27 @@ class FaultProxy(ThreadedServer):
             await self._reply(writer, 502, "Bad Gateway")
             return up_writer
         out = [status_line.decode("latin-1").rstrip("\r\n")]
+        remaining: int | None = None
         while True:
             line = await up_reader.readline()
             if line in (b"\r\n", b"\n", b""):
                 break
-            name = line.decode("latin-1").split(":", 1)[0].strip().lower()
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length" and value.strip().isdigit():
+                remaining = int(value.strip())
             if name not in ("connection", "keep-alive", "proxy-connection"):
                 out.append(line.decode("latin-1").rstrip("\r\n"))
         out.append("Connection: close")
         writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
-        while chunk := await up_reader.read(65536):
+        # With a Content-Length the transfer ends at its last byte (not at the upstream's
+        # close, which comes later), so `active` counts exactly what a client still waits on.
+        while remaining is None or remaining > 0:
+            chunk = await up_reader.read(65536 if remaining is None else min(65536, remaining))
+            if not chunk:
+                break
+            if remaining is not None:
+                remaining -= len(chunk)
             writer.write(chunk)
             await writer.drain()
         await writer.drain()

@@ -16,7 +16,7 @@ import pytest
 from scrapy_antideadlock.testing.site import FaultSite
 
 __all__ = ["chromium", "fault_proxy", "fault_site", "make_fault_proxy", "make_fault_site",
-           "pg_dsn", "pg_server"]
+           "pg_dsn", "pg_server", "redis_server", "redis_url"]
 
 
 @pytest.fixture
@@ -92,6 +92,40 @@ def pg_server() -> Iterator[Any]:
     from scrapy_antideadlock.testing.postgres import PostgresServer
 
     server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a real Redis (the local one if it answers, else a private ``redis-server``).
+
+    Missing ``redis-server``: fails when ``CI`` is set, else skips. Tests sharing it keep
+    apart by key prefix.
+    """
+    from scrapy_antideadlock.testing.redis import redis_url as find
+
+    try:
+        return find()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A private ``redis-server`` on a free port that the test may stop and restart."""
+    from scrapy_antideadlock.testing.redis import RedisServer
+
+    try:
+        server = RedisServer().start()
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
     try:
         yield server
     finally:
