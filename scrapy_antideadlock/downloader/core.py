@@ -175,7 +175,7 @@ class DownloadGuard:
         if p.enabled and p.list:
             self.endpoints, caps = parse_proxies(p.list, p.capacity)
             self.pool = LeasePool("proxy", caps, kind="proxy", cooldown_base=p.cooldown_base,
-                                  cooldown_max=p.cooldown_max)
+                                  cooldown_max=p.cooldown_max, backend=_fleet_backend(crawler))
             context_for(crawler).registry.register(self.pool)
 
         crawler.signals.connect(self.spider_opened, signals.spider_opened)
@@ -526,6 +526,15 @@ class DownloadGuard:
                                 (ad_stats.PROXY_MAX_WAIT, round(c.max_wait, 4)),
                                 (ad_stats.PROXY_HELD_AT_CLOSE, len(held))):
                 stats.set_value(name, value)
+
+
+def _fleet_backend(crawler: Crawler) -> Any:
+    """The fleet's Redis lease backend when ANTIDEADLOCK_FLEET_REDIS_URL is set, else None."""
+    if not ad_settings.get(crawler.settings, "ANTIDEADLOCK_FLEET_REDIS_URL"):
+        return None
+    from ..fleet.leases import backend_for
+
+    return backend_for(crawler, "proxy")
 
 
 def _stat_key(slot: str) -> str:
