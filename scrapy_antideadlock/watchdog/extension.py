@@ -1,0 +1,491 @@
+"""The watchdog extension: measures progress, sees the flatline, emits one diagnosis.
+
+It owns the episode state and the timers; what the engine says is read by
+:class:`.probe.Probe`, the class is decided by :func:`.classify.classify`, and the
+block, file and stats are written by :mod:`.report`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from scrapy import signals as scrapy_signals
+from scrapy.exceptions import NotConfigured
+
+from .. import settings as ad_settings
+from .. import signals as ad_signals
+from .. import stats as ad_stats
+from ..context import context_for
+from ..loopmonitor import LoopMonitor
+from ..primitives.deadline import LatencyTracker
+from ..primitives.progress import ProgressMeter
+from ..primitives.registry import PoolSnapshot
+from ..primitives.waitgraph import WaitGraph, analyse
+from . import classes, report
+from .classify import Evidence, Thresholds, classify
+from .diagnosis import Culprit, Diagnosis, StuckUnit
+from .probe import Probe, latency_tracker
+from .tasks import suspended_tasks
+
+logger = logging.getLogger("scrapy_antideadlock.watchdog")
+
+MAX_KEPT_DIAGNOSES = 100
+# exception names that mean "the peer did not answer in time" (Twisted, Scrapy, this pack)
+_TIMEOUT_WORDS = ("TimeoutError", "DeadlineExceeded", "DownloadCancelled", "ResponseNeverReceived")
+
+
+def watchdog_for(crawler: Any) -> Watchdog | None:
+    """The crawler's running :class:`Watchdog`, or None when it is off."""
+    return context_for(crawler).get("watchdog")
+
+
+class Watchdog:
+    """Progress meter, stall detection and diagnosis for one crawler."""
+
+    def __init__(self, crawler: Any, cfg: Any) -> None:
+        self.crawler = crawler
+        self.cfg = cfg
+        self.stats = crawler.stats
+        self.registry = context_for(crawler).registry
+        self.probe = Probe(crawler)
+        self.meter = ProgressMeter(
+            [f"progress:{name}" for name in cfg.progress_stats],
+            [f"churn:{name}" for name in cfg.churn_stats] + ["churn:lease_grants"],
+            ["timeouts"], horizon=max(cfg.window or 0, cfg.window_max) * 2 + 10)
+        self.latency = LatencyTracker(window=2000)
+        # Created now so other parts can add callbacks in from_crawler; started with the engine.
+        self.monitor = LoopMonitor(None, interval=cfg.heartbeat, threshold=cfg.blocked_threshold,
+                                   cpu_horizon=self.meter.horizon)
+        self.monitor.add_blocked_callback(self._on_blocked)
+        self.monitor.add_unblocked_callback(self._on_unblocked)
+        self._monitor_started = False
+        self.state = "idle"
+        self.last_diagnosis: Diagnosis | None = None
+        # The latest episodes (bounded: a crawl that stalls all day must not grow the file).
+        self.diagnoses: deque[Diagnosis] = deque(maxlen=MAX_KEPT_DIAGNOSES)
+        self.episodes = 0
+        self.interventions = 0
+        self.cpu_spent = 0.0  # loop-thread CPU seconds spent in the periodic evaluation
+        self.concurrency = int(crawler.settings.getint("CONCURRENT_REQUESTS") or 0)
+        self._lock = threading.RLock()
+        self._episode: dict[str, Any] | None = None  # the stall in progress
+        self._tasks: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seen_blocks = 0
+        self._last_tick = 0.0
+        self._stopped = False
+        self._older_tasks: weakref.WeakSet = weakref.WeakSet()
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> Watchdog:
+        cfg = ad_settings.load(crawler.settings, "watchdog")
+        if not cfg.enabled:
+            raise NotConfigured("ANTIDEADLOCK_WATCHDOG_ENABLED is False")
+        _check(cfg)
+        watchdog = cls(crawler, cfg)
+        sig = crawler.signals
+        sig.connect(watchdog.engine_started, signal=scrapy_signals.engine_started)
+        sig.connect(watchdog.spider_opened, signal=scrapy_signals.spider_opened)
+        sig.connect(watchdog.spider_closed, signal=scrapy_signals.spider_closed)
+        sig.connect(watchdog.engine_stopped, signal=scrapy_signals.engine_stopped)
+        sig.connect(watchdog._response_received, signal=scrapy_signals.response_received)
+        sig.connect(watchdog.probe.reached_downloader,
+                    signal=scrapy_signals.request_reached_downloader)
+        sig.connect(watchdog.probe.left_downloader,
+                    signal=scrapy_signals.request_left_downloader)
+        sig.connect(watchdog._download_cancelled, signal=ad_signals.download_cancelled)
+        context_for(crawler).put("watchdog", watchdog)
+        return watchdog
+
+    # ------------------------------------------------------------------ life cycle
+    async def engine_started(self) -> None:
+        self._remember_older_tasks()
+        self._start_monitor()
+
+    def _remember_older_tasks(self) -> None:
+        """Tasks alive before this crawl started (e.g. left by an earlier crawl in the same
+        process) cannot be this crawl's pending work: keep them out of the diagnosis."""
+        try:
+            self._older_tasks = weakref.WeakSet(asyncio.all_tasks(asyncio.get_running_loop()))
+        except RuntimeError:
+            self._older_tasks = weakref.WeakSet()
+
+    async def spider_opened(self, spider: Any = None) -> None:
+        self._start_monitor()
+        now = time.monotonic()
+        self.meter.mark_progress(now)
+        self._last_tick = now
+        self._start_loop(self._tick, self.cfg.interval)
+        if self.cfg.health_interval > 0:
+            self._start_loop(self.log_health, self.cfg.health_interval)
+
+    async def spider_closed(self, spider: Any = None, reason: str = "") -> None:
+        self._stop_all()
+
+    async def engine_stopped(self) -> None:
+        self._stop_all()
+
+    def _start_monitor(self) -> None:
+        if self._monitor_started or self._stopped:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            logger.warning("antideadlock watchdog: no asyncio loop; blocked-loop detection off")
+            return
+        self._monitor_started = True
+        self._loop = loop
+        self.monitor.loop = loop
+        self.monitor.start()
+
+    def _start_loop(self, fn: Callable[[], object], interval: float) -> None:
+        from twisted.internet import task
+
+        call = task.LoopingCall(fn)
+        call.start(interval, now=False).addErrback(
+            lambda failure: logger.error("antideadlock watchdog loop failed: %s", failure))
+        self._tasks.append(call)
+
+    def _stop_all(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        now = time.monotonic()
+        self.meter.sample(self._counter_values(), now)
+        with self._lock:
+            episode = self._episode
+        if episode is not None and (episode["class"] == classes.BLOCKED_LOOP.name
+                                    or self.meter.last_progress > episode["detected"]):
+            self._clear(episode, now)  # progress resumed just before the close
+        for call in self._tasks:
+            if call.running:
+                call.stop()
+        self._tasks.clear()
+        if self._monitor_started:
+            lag = self.monitor.lag_stats()
+            self.stats.set_value(ad_stats.WATCHDOG_LOOP_LAG_P99, round(lag["p99"], 4))
+            self.stats.max_value(ad_stats.WATCHDOG_LOOP_LAG_MAX, round(lag["max"], 4))
+        self.monitor.stop()
+        self.stats.set_value(ad_stats.WATCHDOG_WINDOW, round(self.window(), 3))
+
+    # ------------------------------------------------------------------ signals
+    def _response_received(self, response: Any, request: Any, **kwargs: Any) -> None:
+        latency = request.meta.get("download_latency")
+        if isinstance(latency, (int, float)):
+            self.latency.record("all", float(latency))
+
+    def _download_cancelled(self, request: Any = None, reason: str = "", **kwargs: Any) -> None:
+        self.interventions += 1
+
+    def note_intervention(self, what: str = "") -> None:
+        """Count an intervention (recovery calls this), shown in the health line."""
+        self.interventions += 1
+
+    # ------------------------------------------------------------------ window
+    def window(self) -> float:
+        """The stall window: fixed by setting, else adaptive from request durations."""
+        cfg = self.cfg
+        if cfg.window is not None:
+            return cfg.window
+        p99, samples = self._p99()
+        if p99 is None or samples < cfg.window_min_samples:
+            base = cfg.window_initial
+        else:
+            base = p99 * cfg.window_multiplier + cfg.window_buffer
+        window = min(max(base, cfg.window_min), cfg.window_max)
+        # A polite crawl (DOWNLOAD_DELAY, AutoThrottle) is slow by design, not stalled.
+        return max(window, 2 * self.probe.slot_delay() + cfg.window_buffer)
+
+    def _p99(self) -> tuple[float | None, int]:
+        tracked = latency_tracker(self.crawler)
+        tracker = self.latency
+        if tracked is not None and any(tracked.samples(k) for k in tracked.keys()):
+            tracker = tracked  # the downloader's: it also times slot-queue waits
+        best: float | None = None
+        samples = 0
+        for key in tracker.keys():
+            samples += tracker.samples(key)
+            value = tracker.quantile(key, 0.99)
+            if value is not None and (best is None or value > best):
+                best = value
+        return best, samples
+
+    # ------------------------------------------------------------------ the tick
+    def _counter_values(self) -> dict[str, float]:
+        values = dict(self.stats.get_stats())
+        out: dict[str, float] = {}
+        for kind, names in (("progress", self.cfg.progress_stats),
+                            ("churn", self.cfg.churn_stats)):
+            for name in names:
+                out[f"{kind}:{name}"] = _stat_total(values, name)
+        grants = 0
+        for pool in self.registry.pools():
+            counters = getattr(pool, "counters", None)
+            grants += int(getattr(counters, "acquired", 0) or 0)
+        out["churn:lease_grants"] = grants
+        out["timeouts"] = float(sum(
+            v for k, v in values.items()
+            if k.startswith("downloader/exception_type_count/") and _is_number(v)
+            and any(word in k for word in _TIMEOUT_WORDS)))
+        return out
+
+    def _tick(self) -> None:
+        started = time.thread_time()
+        try:
+            self._evaluate()
+        except Exception:  # the watchdog must outlive a surprise in what it reads
+            logger.exception("antideadlock watchdog: evaluation failed")
+        self.cpu_spent += time.thread_time() - started
+
+    def _evaluate(self) -> None:
+        now = time.monotonic()
+        late = now - self._last_tick
+        self._last_tick = now
+        self.meter.sample(self._counter_values(), now)
+        self.probe.track(now)
+        monitor = self.monitor
+        if monitor.episodes != self._seen_blocks:
+            # The loop was blocked (already reported): that time is not a flatline.
+            self._seen_blocks = monitor.episodes
+            self.meter.mark_progress(now)
+        elif late > self.window():
+            self.meter.mark_progress(now)  # the tick itself was held up: no measurement
+        pending = self.pending()
+        window = self.window()
+        since = self.meter.since_progress(now)
+        with self._lock:
+            episode = self._episode
+        if episode is not None:
+            # Code on the loop runs, so a blocked-loop episode is over.
+            if episode["class"] == classes.BLOCKED_LOOP.name \
+                    or since < episode["since_progress"] or not pending["any"]:
+                self._clear(episode, now)
+            return
+        if not pending["any"]:
+            self.meter.mark_progress(now)  # idle time is not stall time
+            self.state = classes.IDLE.name
+            return
+        if since >= window:
+            self._detect_flatline(now, since, window, pending)
+        elif since >= window / 2:
+            self.state = "slow"
+        else:
+            self.state = "flowing"
+
+    def pending(self) -> dict[str, Any]:
+        """Work not yet done: in progress (download or scraping) and scheduled."""
+        return self.probe.pending()
+
+    def inflight(self, now: float | None = None) -> list[dict[str, Any]]:
+        """In-flight downloads, oldest first: request, age, stage, seconds to deadline."""
+        return self.probe.inflight(now)
+
+    # ------------------------------------------------------------------ detection
+    def _detect_flatline(self, now: float, since: float, window: float,
+                         pending: dict[str, Any]) -> None:
+        snapshots = self.registry.snapshot()
+        graph = analyse(snapshots, self.probe.labeller())
+        cpu = self.monitor.cpu_fraction(window) if self._monitor_started else None
+        try:
+            awaiting = suspended_tasks(exclude=self._older_tasks)
+        except Exception:  # noqa: BLE001 - introspection must not break the diagnosis
+            awaiting = []
+        evidence = Evidence(
+            window=window, churn=self.meter.churn_in(window, now),
+            churn_by_name={name.split(":", 1)[1]: value for name, value
+                           in self.meter.window_report(window, now).items()
+                           if name.startswith("churn:")},
+            cpu=cpu, timeouts=self.meter.delta("timeouts", window, now),
+            requests_sent=self.meter.delta("churn:downloader/request_count", window, now),
+            graph=graph, inflight=self.inflight(now), awaiting=awaiting)
+        verdict = classify(evidence, Thresholds(self.cfg.churn_min, self.cfg.cpu_busy))
+        diagnosis = self._diagnosis(
+            verdict.stall_class, verdict.evidence, culprit=verdict.culprit, now=now, since=since,
+            window=window, snapshots=snapshots, graph=graph, inflight=evidence.inflight,
+            pending=pending, cpu=cpu, churn=evidence.churn, awaiting=awaiting)
+        self._emit(diagnosis, time_to_detect=since, on_loop=True)
+
+    def _on_blocked(self, info: dict[str, Any]) -> None:
+        """Monitor thread: the loop missed its heartbeat past the threshold."""
+        now = time.monotonic()
+        evidence = [f"no heartbeat for {info['blocked_for']:.2f}s "
+                    f"(threshold {self.cfg.blocked_threshold}s): the loop thread is running "
+                    f"Python code that does not yield, in {info.get('where') or '?'}"]
+        try:
+            snapshots = self.registry.snapshot()
+        except Exception:  # noqa: BLE001
+            snapshots = []
+        diagnosis = self._diagnosis(
+            classes.BLOCKED_LOOP.name, evidence, now=now, since=self.meter.since_progress(now),
+            window=self.window(), snapshots=snapshots, graph=None, inflight=self.inflight(now),
+            pending=self.pending(), cpu=None, churn=None, block=info)
+        self._emit(diagnosis, time_to_detect=info["blocked_for"], on_loop=False)
+
+    def _on_unblocked(self, info: dict[str, Any]) -> None:
+        self.stats.max_value(ad_stats.WATCHDOG_BLOCKED_MAX, round(info["blocked_for"], 3))
+        with self._lock:
+            episode = self._episode
+        if episode is not None and episode["class"] == classes.BLOCKED_LOOP.name and self._loop:
+            try:
+                self._loop.call_soon_threadsafe(self._clear, episode, time.monotonic())
+            except RuntimeError:  # loop closed
+                pass
+
+    def _emit(self, diagnosis: Diagnosis, *, time_to_detect: float, on_loop: bool) -> None:
+        stall_class = diagnosis.stall_class
+        with self._lock:
+            self.diagnoses.append(diagnosis)
+            self.episodes = diagnosis.episode
+            self.last_diagnosis = diagnosis
+            self._episode = {"class": stall_class, "detected": time.monotonic(),
+                             "started": time.monotonic() - time_to_detect,
+                             "since_progress": diagnosis.since_progress}
+            self.state = f"stalled:{stall_class}"
+            kept = list(self.diagnoses)
+        report.count(self.stats, diagnosis, time_to_detect)
+        logger.log(classes.get(stall_class).level, "%s", report.render(diagnosis))
+        report.write_file(self.cfg.diagnosis_file, kept)
+        if on_loop:
+            self._send_detected(diagnosis)
+        elif self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._send_detected, diagnosis)
+            except RuntimeError:
+                pass
+
+    def _send_detected(self, diagnosis: Diagnosis) -> None:
+        self.crawler.signals.send_catch_log(ad_signals.stall_detected, diagnosis=diagnosis)
+
+    def _clear(self, episode: dict[str, Any], now: float) -> None:
+        with self._lock:
+            if self._episode is not episode:
+                return
+            self._episode = None
+        duration = now - episode["started"]
+        if episode["class"] == classes.BLOCKED_LOOP.name and self._monitor_started:
+            blocked = self.monitor.lag_stats()["max"]
+            duration = max(duration, blocked)
+            self.stats.max_value(ad_stats.WATCHDOG_BLOCKED_MAX, round(blocked, 3))
+        self.meter.mark_progress(now)
+        self.state = "flowing"
+        self.stats.inc_value(ad_stats.WATCHDOG_CLEARED)
+        logger.info("antideadlock watchdog: %s stall cleared after %.1fs", episode["class"],
+                    duration)
+        self.crawler.signals.send_catch_log(ad_signals.stall_cleared,
+                                            stall_class=episode["class"], duration=duration)
+
+    # ------------------------------------------------------------------ the diagnosis
+    def _diagnosis(self, stall_class: str, evidence: list[str], *, now: float, since: float,
+                   window: float, snapshots: list[PoolSnapshot], graph: WaitGraph | None,
+                   inflight: list[dict[str, Any]], pending: dict[str, Any],
+                   cpu: float | None, churn: float | None,
+                   block: dict[str, Any] | None = None,
+                   awaiting: list[dict[str, Any]] | None = None,
+                   culprit: Culprit | None = None,
+                   units: list[StuckUnit] | None = None) -> Diagnosis:
+        monitor = self.monitor
+        lag = monitor.lag_stats() if self._monitor_started else None
+        holders = sorted(
+            ({"pool": s.name, "kind": s.kind, "owner": h.owner, "member": h.member,
+              "age": round(h.age, 3),
+              "expires_in": None if h.expires_in is None else round(h.expires_in, 3)}
+             for s in snapshots for h in s.holders), key=lambda h: -h["age"])[:10]
+        pools = [{"name": s.name, "kind": s.kind, "capacity": s.capacity, "in_use": s.in_use,
+                  "waiters": len(s.waiters),
+                  "oldest_wait": round(max((w.waited for w in s.waiters), default=0.0), 3),
+                  **({"error": s.extra["error"]} if "error" in s.extra else {})}
+                 for s in snapshots]
+        cycle = graph.cycles[0].text if graph is not None and graph.cycles else None
+        try:
+            spider = getattr(self.crawler, "spider", None)
+        except RuntimeError:
+            spider = None
+        details = {
+            "spider": getattr(spider, "name", None),
+            "detected_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "monotonic": round(now, 3),  # time.monotonic() at detection (same-process timing)
+            "graph": graph.to_dict() if graph is not None else None,
+            "stack": block.get("stack") if block else None,
+            "where": block.get("where") if block else None,
+            "frames": block.get("frames") if block else None,
+            "oldest_holders": holders,
+            "pools": pools,
+            "in_flight": {"count": len(inflight), "oldest": [
+                {**e, "age": round(e["age"], 3),
+                 "deadline_in": None if e["deadline_in"] is None else round(e["deadline_in"], 3)}
+                for e in inflight[:10]]},
+            "pending": pending,
+            "in_callbacks": self.probe.in_callbacks(),
+            "awaiting": awaiting or [],
+            "progress": {k.split(":", 1)[1]: v
+                         for k, v in self.meter.window_report(window, now).items()
+                         if k.startswith("progress:")},
+            "churn": churn,
+            "loop": None if lag is None else {
+                "heartbeat_age": round(monitor.heartbeat_age(), 3),
+                "lag_p99": round(lag["p99"], 4), "lag_max": round(lag["max"], 4),
+                "cpu": None if cpu is None else round(cpu, 3),
+                "threshold": monitor.threshold},
+            "concurrency": self.concurrency,
+        }
+        return Diagnosis(stall_class, self.episodes + 1, window, since, evidence,
+                         culprit=culprit, units=units or [], cycle=cycle, details=details)
+
+    # ------------------------------------------------------------------ health line
+    def health(self) -> dict[str, Any]:
+        """The numbers behind the health line (also for /healthz)."""
+        now = time.monotonic()
+        pending = self.pending()
+        monitor = self.monitor if self._monitor_started else None
+        lag = monitor.lag_stats() if monitor is not None else None
+        return {
+            "state": self.state,
+            "items": self.stats.get_value("item_scraped_count", 0),
+            "progress_in_window": self.meter.progress_in(self.window(), now),
+            "in_flight": pending["downloading"], "concurrency": self.concurrency,
+            "scheduled": pending["scheduled"],
+            "heartbeat_age": None if monitor is None else monitor.heartbeat_age(),
+            "lag_p99": None if lag is None else lag["p99"],
+            "pools": [(s.name, s.in_use, s.capacity, len(s.waiters))
+                      for s in self.registry.snapshot()],
+            "window": self.window(), "armed": monitor is not None and monitor.running,
+            "interventions": self.interventions,
+        }
+
+    def log_health(self) -> None:
+        try:
+            logger.info("%s", report.render_health(self.health()))
+        except Exception:
+            logger.exception("antideadlock watchdog: health line failed")
+
+
+def _check(cfg: Any) -> None:
+    if cfg.window_min > cfg.window_max:
+        raise ad_settings.SettingError(
+            "ANTIDEADLOCK_WATCHDOG_WINDOW_MIN", "seconds <= ANTIDEADLOCK_WATCHDOG_WINDOW_MAX",
+            cfg.window_min)
+    if cfg.blocked_threshold <= cfg.heartbeat:
+        raise ad_settings.SettingError(
+            "ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD",
+            "seconds > ANTIDEADLOCK_WATCHDOG_HEARTBEAT", cfg.blocked_threshold)
+
+
+def _stat_total(values: dict[str, Any], name: str) -> float:
+    """``name`` itself if set, else the sum of its family ``name/...`` (no double count)."""
+    value = values.get(name)
+    if _is_number(value):
+        return float(value)
+    prefix = name + "/"
+    return float(sum(v for k, v in values.items() if k.startswith(prefix) and _is_number(v)))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
