@@ -191,12 +191,13 @@ class DownloadGuard:
         return getattr(_engine(self.crawler), "downloader", None)
 
     def timeouts_for(self, slot: str) -> tuple[float, float]:
-        """(adaptive deadline T, overdue threshold for lending) of ``slot``, cached briefly."""
+        """(adaptive deadline T without its ceiling, overdue threshold for lending) of
+        ``slot``, cached briefly."""
         now = time.monotonic()
         cached = self._timeouts.get(slot)
         if cached is not None and cached[0] > now:
             return cached[1], cached[2]
-        timeout = self.policy.timeout(self.latency, slot)
+        timeout = self.policy.timeout(self.latency, slot, ceiling=float("inf"))
         lend_after = float("inf")  # no p99 yet: nothing is "clearly overdue"
         if self.latency.samples(slot) >= self.policy.min_samples:
             p99 = self.latency.quantile(slot, 0.99) or 0.0
@@ -205,8 +206,14 @@ class DownloadGuard:
         return timeout, lend_after
 
     # ------------------------------------------------------------------ the middleware's part
-    def begin(self, request: Request, user_timeout: float | None) -> InFlightDownload:
-        """Give ``request`` its deadline (from now) and track it."""
+    def begin(self, request: Request, user_timeout: float | None,
+              full: bool = False) -> InFlightDownload:
+        """Give ``request`` its deadline (from now) and track it.
+
+        ``user_timeout`` is the user's own timeout: the ceiling of the adaptive
+        deadline (else DEADLINE_MAX) and its value until the slot is warm; ``full``
+        gives the transfer that whole ceiling (the user's last allowed attempt).
+        """
         now = time.monotonic()
         downloader = self._downloader
         slot = downloader.get_slot_key(request) if downloader is not None else ""
@@ -215,14 +222,22 @@ class DownloadGuard:
         key = f"{slot} [playwright]" if request.meta.get("playwright") else slot
         timeout: float | None = None
         if user_timeout:
-            timeout = user_timeout
             self.inc(ad_stats.DEADLINE_USER)
-        elif self.deadline_enabled:
-            timeout = self.timeouts_for(key)[0]
-            retries = request.meta.get(RETRY_COUNT_KEY, 0)
-            if retries:
-                timeout = min(timeout * self.retry_backoff ** retries, self.policy.maximum)
+        if self.deadline_enabled:
+            ceiling = user_timeout or self.policy.maximum
+            if full and user_timeout:
+                timeout = user_timeout
+            else:
+                timeout = self.timeouts_for(key)[0]
+                if user_timeout and self.latency.samples(key) < self.policy.min_samples:
+                    timeout = user_timeout  # not warm yet: the user's value, not INITIAL
+                timeout = min(timeout, ceiling)
+                retries = request.meta.get(RETRY_COUNT_KEY, 0)
+                if retries:
+                    timeout = min(timeout * self.retry_backoff ** retries, ceiling)
             timeout += self._queue_allowance(downloader, slot, key, timeout)
+        elif user_timeout:
+            timeout = user_timeout
         deadline = None if timeout is None else now + timeout
         entry = InFlightDownload(request, request_id(request), now, deadline, "queued", slot,
                                  timeout, key)
@@ -250,6 +265,10 @@ class DownloadGuard:
 
     def exceeded(self, entry: InFlightDownload, stage: str,
                  reason: str = "deadline exceeded") -> DeadlineExceeded:
+        if (stage == "transfer" and entry.transfer_started is not None
+                and not entry.request.meta.get(RETRY_COUNT_KEY)):
+            # a censored sample: this latency is at least the time it was given
+            self.latency.censor(entry.key, time.monotonic() - entry.transfer_started)
         self.inc(ad_stats.DEADLINE_EXCEEDED)
         self.inc(ad_stats.family(ad_stats.DEADLINE_EXCEEDED_STAGE, stage=stage))
         return DeadlineExceeded(entry.timeout, time.monotonic() - entry.started, stage, reason)
