@@ -230,9 +230,11 @@ _define("deadline", "DEADLINE_BUFFER", 1.0, non_negative_float, "seconds >= 0",
 _define("deadline", "DEADLINE_MIN", 2.0, positive_float, "seconds > 0",
         "Lower clamp of the adaptive deadline.")
 _define("deadline", "DEADLINE_MAX", 60.0, positive_float, "seconds > 0",
-        "Upper clamp of the adaptive deadline.")
+        "Ceiling of the adaptive deadline when the user set no timeout of their own (a "
+        "meta/spider download_timeout or a set DOWNLOAD_TIMEOUT is the ceiling instead).")
 _define("deadline", "DEADLINE_INITIAL", 30.0, positive_float, "seconds > 0",
-        "Deadline used until MIN_SAMPLES latencies were observed for a slot.")
+        "Deadline used until MIN_SAMPLES latencies were observed for a slot (the user's "
+        "own timeout instead, when set).")
 _define("deadline", "DEADLINE_MIN_SAMPLES", 20, positive_int, "an integer >= 1",
         "Successful responses per slot before the adaptive deadline is used.")
 _define("deadline", "DEADLINE_WINDOW", 2000, positive_int, "an integer >= 1",
@@ -262,7 +264,8 @@ _define("deadline", "DEADLINE_RETRY_PRIORITY_ADJUST", -10, _integer, "an integer
         "Priority change of a request retried after DeadlineExceeded/ProxyLeaseTimeout "
         "(negative: later, behind fresh work).")
 _define("deadline", "DEADLINE_RETRY_BACKOFF", 2.0, _min_one_float, "a number >= 1",
-        "Each deadline retry gets the adaptive deadline x this (per attempt), still <= MAX.")
+        "Each deadline retry gets the adaptive deadline x this (per attempt), still <= the "
+        "ceiling.")
 _define("deadline", "DEADLINE_LEND", True, as_bool, "a boolean",
         "Lend the concurrency slot of an overdue transfer to new work (bound: LEND_MAX_FACTOR).")
 _define("deadline", "DEADLINE_LEND_AFTER", 1.25, positive_float, "a positive number",

@@ -45,12 +45,16 @@ def is_declared(name: str) -> bool:
 # (section owned by the downloader middleware)
 DEADLINE_SET = _stat("deadline/set", "Requests given a deadline (each attempt counts).")
 DEADLINE_USER = _stat("deadline/user_timeout",
-                      "Requests whose own meta download_timeout was used as the deadline.")
+                      "Requests with the user's own timeout (meta download_timeout, spider "
+                      "attribute or a set DOWNLOAD_TIMEOUT) as their deadline's ceiling.")
 DEADLINE_EXCEEDED = _stat("deadline/exceeded", "Requests failed with DeadlineExceeded.")
 DEADLINE_EXCEEDED_STAGE = _stat("deadline/exceeded/{stage}",
                                 "DeadlineExceeded by stage: queued, lease_wait or transfer.")
 DEADLINE_RETRIES = _stat("deadline/retries",
                          "Retries scheduled after DeadlineExceeded or ProxyLeaseTimeout.")
+DEADLINE_OWN_RETRIES = _stat("deadline/own_retries",
+                             "Deadline retries that used no RETRY_TIMES: cut while queued, or "
+                             "below the ceiling while most of the slot was cut.")
 DEADLINE_GAVE_UP = _stat("deadline/gave_up",
                          "Requests that hit their deadline/lease bound with no retry left.")
 DEADLINE_CANCELS = _stat("deadline/cancels",

@@ -82,3 +82,44 @@ def test_no_feedback_loop_deadline_bounded_by_successes(latencies: list[float]) 
     if tracker.samples("s") >= 20:
         biggest = max(0.001, max(x for x in latencies if x < 60))  # 1 ms: first bucket
         assert deadline <= max(policy.minimum, min(policy.maximum, biggest * 1.05 * 3 + 1))
+
+
+def test_censored_majority_grows_the_deadline_up_to_the_ceiling() -> None:
+    """Deadline hits are lower bounds: when most recent outcomes were cut at T, the
+    median latency is at least T, so T grows (x multiplier + buffer), up to the ceiling."""
+    policy = TimeoutPolicy(multiplier=3, buffer=1, minimum=1, maximum=60, initial=30,
+                           min_samples=5)
+    tracker = LatencyTracker(recent=10)
+    for _ in range(50):
+        tracker.record("s", 0.01)
+    fast = policy.timeout(tracker, "s")
+    assert fast == pytest.approx(1.03, abs=0.01)  # learned on the fast site
+    tracker.censor("s", fast)  # one outlier (a hang) changes nothing
+    assert policy.timeout(tracker, "s") == fast and not tracker.mostly_censored("s")
+    deadline = 1.0
+    for _ in range(10):  # the site slowed down to 20 s: every transfer is cut
+        tracker.censor("s", deadline)
+        deadline = policy.timeout(tracker, "s", ceiling=300)
+    assert tracker.mostly_censored("s")
+    assert deadline > 20  # grew past the new latency instead of cutting for ever
+    assert policy.timeout(tracker, "s") == 60  # DEADLINE_MAX when no ceiling is given
+    for _ in range(10):  # it answers again, in 20 s: the deadline stays above that
+        tracker.record("s", 20.0)
+    assert policy.timeout(tracker, "s", ceiling=300) == 61
+    for _ in range(10):  # and speeds up again: the recent slow answers age out
+        tracker.record("s", 0.01)
+    assert policy.timeout(tracker, "s", ceiling=300) < 62  # p99 still has the 20 s answers
+    for _ in range(5000):
+        tracker.record("s", 0.01)
+    assert policy.timeout(tracker, "s", ceiling=300) == fast
+
+
+def test_user_ceiling_bounds_and_initial_overrides() -> None:
+    policy = TimeoutPolicy(minimum=2, maximum=60, initial=30, min_samples=5)
+    tracker = LatencyTracker()
+    assert policy.timeout(tracker, "s", ceiling=300, initial=300) == 300  # not warm: user's
+    assert policy.timeout(tracker, "s", ceiling=1.5) == 1.5  # below MIN: the user's wins
+    for _ in range(5):
+        tracker.record("s", 70.0)
+    assert policy.timeout(tracker, "s", ceiling=300) == pytest.approx(211, rel=0.06)
+    assert policy.timeout(tracker, "s") == 60

@@ -1,8 +1,20 @@
 """DeadlineMiddleware: stamps each request with its deadline and retries missed ones later.
 
-Runs at priority 340, before Scrapy's DownloadTimeoutMiddleware (350), so the
-``download_timeout`` it sees in meta is the user's own, not the DOWNLOAD_TIMEOUT
-default that middleware fills in for every request.
+The user's own timeout is the *ceiling* of the adaptive deadline, never cut by
+DEADLINE_MAX: ``meta["download_timeout"]``, else the spider's ``download_timeout``
+attribute, else DOWNLOAD_TIMEOUT when set anywhere above Scrapy's default. The
+middleware runs at 340, before Scrapy's DownloadTimeoutMiddleware (350), and reads
+those three itself: at 350 every request would carry a ``download_timeout`` and a
+user's value could not be told from the default any more. (Running after 350
+instead would also put the deadline after RecoveryMiddleware's process_exception.)
+
+Retries follow the user's RETRY settings. Two kinds of cut are the pack's own
+doing rather than the site's, and are retried without using RETRY_TIMES: a request
+cut while still queued (it never reached the site), and a transfer cut below the
+ceiling while most recent transfers of its slot were cut too (the deadline was too
+short for the site; it grows). The attempt RETRY_TIMES leaves last always runs
+under the user's full timeout, so the pack never gives up on a request that plain
+Scrapy would have waited for.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_DEFAULT_PRIORITY = 0  # Scrapy's SETTINGS_PRIORITIES["default"]
+
 
 class DeadlineMiddleware:
     """Deadline (lease wait + slot queue + transfer) for every request; later retries."""
@@ -39,7 +53,16 @@ class DeadlineMiddleware:
         self.guard = guard_for(crawler)
         if not self.guard.deadline_enabled and self.guard.pool is None:
             raise NotConfigured("deadlines disabled and no ANTIDEADLOCK_PROXY_LIST")
-        self.default_timeout = crawler.settings.getfloat("DOWNLOAD_TIMEOUT")
+        settings = crawler.settings
+        self.setting_timeout: float | None = None
+        if settings.getpriority("DOWNLOAD_TIMEOUT") > _DEFAULT_PRIORITY:
+            self.setting_timeout = _positive(settings.getfloat("DOWNLOAD_TIMEOUT"))
+        self.retry_enabled = settings.getbool("RETRY_ENABLED")
+        self.retry_times = settings.getint("RETRY_TIMES")
+        self.priority_adjust = self.guard.retry_priority_adjust
+        if (settings.getpriority("RETRY_PRIORITY_ADJUST") > _DEFAULT_PRIORITY
+                and settings.getpriority("ANTIDEADLOCK_DEADLINE_RETRY_PRIORITY_ADJUST") is None):
+            self.priority_adjust = settings.getint("RETRY_PRIORITY_ADJUST")
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> DeadlineMiddleware:
@@ -52,48 +75,89 @@ class DeadlineMiddleware:
             meta.pop("proxy", None)
             meta.pop("_auth_proxy", None)
             request.headers.pop(b"Proxy-Authorization", None)
-        if USER_TIMEOUT_KEY not in meta:
-            meta[USER_TIMEOUT_KEY] = self._user_timeout(meta.get("download_timeout"))
-        self.guard.begin(request, meta[USER_TIMEOUT_KEY])
+        if USER_TIMEOUT_KEY not in meta:  # first attempt: later copies carry it along
+            meta[USER_TIMEOUT_KEY] = self.user_timeout(meta.get("download_timeout"))
+        user = meta[USER_TIMEOUT_KEY]
+        self.guard.begin(request, user, full=bool(user) and self._last_attempt(request))
 
-    def _user_timeout(self, value: Any) -> float | None:
-        """The user's own timeout; a value equal to DOWNLOAD_TIMEOUT counts as the default."""
-        if value is None:
-            return None
-        value = float(value)
-        return None if value <= 0 or value == self.default_timeout else value
+    def user_timeout(self, meta_value: Any) -> float | None:
+        """The user's own timeout: meta, else the spider attribute, else the setting."""
+        if meta_value is not None:
+            return _positive(meta_value)
+        spider_value = getattr(self.crawler.spider, "download_timeout", None)
+        if spider_value is not None:
+            return _positive(spider_value)
+        return self.setting_timeout
+
+    def _last_attempt(self, request: Request) -> bool:
+        """Whether the user's RETRY settings allow no further retry of ``request``."""
+        meta = request.meta
+        if meta.get("dont_retry") or not self.retry_enabled:
+            return True
+        allowed = meta.get("max_retry_times", self.retry_times)
+        return meta.get("retry_times", 0) >= allowed
 
     def process_exception(self, request: Request, exception: Exception) -> Request | None:
         guard = self.guard
+        entry = guard.inflight.get(request)
         guard.inflight.finish(request)
         if isinstance(exception, (DeadlineExceeded, ProxyLeaseTimeout)) or (
                 isinstance(exception, DownloadCancelled) and exception.retry):
-            return self._retry(request, exception)
+            own = isinstance(exception, DeadlineExceeded) and entry is not None and (
+                exception.stage == "queued"
+                or (exception.stage == "transfer" and guard.latency.mostly_censored(entry.key)))
+            return self._retry(request, exception, own=own)
         return None
 
-    def _retry(self, request: Request, exception: Exception) -> Request | None:
+    def _retry(self, request: Request, exception: Exception, own: bool) -> Request | None:
         """Retry later (lower priority) with a longer deadline, within RETRY_TIMES.
 
         A request that never got a proxy slot did not reach the site: it has its own
-        budget (PROXY_LEASE_RETRIES), so lease starvation cannot eat RETRY_TIMES.
+        budget (PROXY_LEASE_RETRIES), so lease starvation cannot eat RETRY_TIMES. A cut
+        that was the pack's own (see the module docstring) uses no budget either, while
+        the deadline it ran under was below the ceiling; the deadline doubles each time
+        (DEADLINE_RETRY_BACKOFF), so there are few such retries.
         """
         spider = self.crawler.spider
+        meta = request.meta
         new = None
         if isinstance(exception, ProxyLeaseTimeout):
-            count = request.meta.get(LEASE_RETRY_KEY, 0)
-            if not request.meta.get("dont_retry") and count < self.guard.lease_retries:
-                new = request.copy()
+            count = meta.get(LEASE_RETRY_KEY, 0)
+            if not meta.get("dont_retry") and count < self.guard.lease_retries:
+                new = self._copy(request)
                 new.meta[LEASE_RETRY_KEY] = count + 1
-                new.dont_filter = True
-                new.priority = request.priority + self.guard.retry_priority_adjust
-        elif not request.meta.get("dont_retry") and spider is not None:
+        elif own and not meta.get("dont_retry") and self._below_ceiling(request):
+            new = self._copy(request)
+            self.guard.inc(ad_stats.DEADLINE_OWN_RETRIES)
+        elif not meta.get("dont_retry") and self.retry_enabled and spider is not None:
             new = get_retry_request(request, spider=spider, reason=exception,
-                                    priority_adjust=self.guard.retry_priority_adjust)
+                                    priority_adjust=self.priority_adjust)
         if new is None:
             self.guard.inc(ad_stats.DEADLINE_GAVE_UP)
             return None
         if isinstance(exception, DeadlineExceeded):
-            new.meta[RETRY_COUNT_KEY] = request.meta.get(RETRY_COUNT_KEY, 0) + 1
+            new.meta[RETRY_COUNT_KEY] = meta.get(RETRY_COUNT_KEY, 0) + 1
         new.meta.pop(DEADLINE_KEY, None)
         self.guard.inc(ad_stats.DEADLINE_RETRIES)
         return new
+
+    def _copy(self, request: Request) -> Request:
+        new = request.copy()
+        new.dont_filter = True
+        new.priority = request.priority + self.priority_adjust
+        return new
+
+    def _below_ceiling(self, request: Request) -> bool:
+        """Whether doubling DEADLINE_MIN once per deadline retry so far stays under the
+        ceiling: bounds the free retries to about log2(ceiling / DEADLINE_MIN)."""
+        policy = self.guard.policy
+        ceiling = request.meta.get(USER_TIMEOUT_KEY) or policy.maximum
+        return policy.minimum * 2 ** request.meta.get(RETRY_COUNT_KEY, 0) < ceiling
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None

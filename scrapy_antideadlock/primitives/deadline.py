@@ -5,16 +5,21 @@ crawl length. Two generations are kept and rotated every ``window`` samples, so 
 estimate follows the site as it speeds up or slows down while still covering at
 least ``window`` recent samples.
 
-Feedback loop: only *successful* latencies are recorded (the caller's duty), and a
-success can never take longer than the deadline it ran under, so a run of timeouts
-cannot push p99 up; the deadline can grow at most by the multiplier per generation
-and is clamped by ``maximum``.
+Feedback loop: the histogram holds *successful* latencies only (the caller's duty),
+and a success can never take longer than the deadline it ran under, so a run of
+timeouts cannot push p99 up. A deadline hit is a *censored* sample instead: it says
+the latency was at least T. The last ``recent`` outcomes of each key (successes and
+censored samples) are kept apart; when most of them were cut, the median latency is
+at least T, so the policy grows the deadline to T x multiplier + buffer, up to the
+ceiling (the user's own timeout, else ``maximum``), rather than cutting every request
+of a slowed-down site at a deadline it can no longer meet.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -68,15 +73,19 @@ class LatencyHistogram:
 class LatencyTracker:
     """Per-key latency quantiles from the current and the previous generation."""
 
-    def __init__(self, window: int = 2000) -> None:
-        if window < 1:
-            raise ValueError("window must be >= 1")
+    def __init__(self, window: int = 2000, recent: int = 20) -> None:
+        if window < 1 or recent < 1:
+            raise ValueError("window and recent must be >= 1")
         self.window = window
+        self.recent = recent
         self._current: dict[Hashable, LatencyHistogram] = {}
         self._previous: dict[Hashable, LatencyHistogram] = {}
+        # (censored, seconds): the last ``recent`` outcomes, cuts included
+        self._recent: dict[Hashable, deque[tuple[bool, float]]] = {}
         self._lock = threading.Lock()  # the watchdog thread reads quantiles
 
     def record(self, key: Hashable, seconds: float) -> None:
+        """A success that took ``seconds``."""
         with self._lock:
             hist = self._current.get(key)
             if hist is None:
@@ -85,6 +94,29 @@ class LatencyTracker:
             if hist.total >= self.window:
                 self._previous[key] = hist
                 self._current[key] = LatencyHistogram()
+            self._outcomes(key).append((False, seconds))
+
+    def censor(self, key: Hashable, seconds: float) -> None:
+        """A deadline hit after ``seconds``: the latency was at least that long."""
+        with self._lock:
+            self._outcomes(key).append((True, seconds))
+
+    def _outcomes(self, key: Hashable) -> deque[tuple[bool, float]]:
+        outcomes = self._recent.get(key)
+        if outcomes is None:
+            outcomes = self._recent[key] = deque(maxlen=self.recent)
+        return outcomes
+
+    def recent_outcomes(self, key: Hashable) -> list[tuple[bool, float]]:
+        """The last ``recent`` outcomes of ``key``, oldest first: (censored, seconds)."""
+        with self._lock:
+            return list(self._recent.get(key, ()))
+
+    def mostly_censored(self, key: Hashable) -> bool:
+        """Whether most recent outcomes of ``key`` (at least two) were deadline hits."""
+        outcomes = self.recent_outcomes(key)
+        cut = sum(1 for censored, _ in outcomes if censored)
+        return cut >= 2 and 2 * cut >= len(outcomes)
 
     def samples(self, key: Hashable) -> int:
         with self._lock:
@@ -102,12 +134,18 @@ class LatencyTracker:
 
     def keys(self) -> list[Hashable]:
         with self._lock:
-            return list(self._current.keys() | self._previous.keys())
+            return list(self._current.keys() | self._previous.keys() | self._recent.keys())
 
 
 @dataclass(frozen=True)
 class TimeoutPolicy:
-    """T = clamp(p99 x multiplier + buffer, minimum, maximum); ``initial`` until warmed up."""
+    """T = clamp(p99 x multiplier + buffer, minimum, ceiling); ``initial`` until warmed up.
+
+    The ceiling is ``maximum`` unless the caller passes the user's own timeout. Two
+    recent signals raise T above the long-run p99: the slowest recent success
+    (x multiplier + buffer), and, when most recent outcomes were deadline hits, the
+    longest such hit (x multiplier + buffer).
+    """
 
     multiplier: float = 3.0
     buffer: float = 1.0
@@ -120,13 +158,23 @@ class TimeoutPolicy:
         if self.minimum > self.maximum:
             raise ValueError(f"minimum ({self.minimum}) > maximum ({self.maximum})")
 
-    def timeout(self, tracker: LatencyTracker, key: Hashable) -> float:
-        if tracker.samples(key) < self.min_samples:
-            return self.clamp(self.initial)
-        p99 = tracker.quantile(key, 0.99)
+    def timeout(self, tracker: LatencyTracker, key: Hashable, *, ceiling: float | None = None,
+                initial: float | None = None) -> float:
+        """The deadline for ``key``; ``initial`` (default: ``self.initial``) until warm."""
+        p99 = tracker.quantile(key, 0.99) if tracker.samples(key) >= self.min_samples else None
         if p99 is None:
-            return self.clamp(self.initial)
-        return self.clamp(p99 * self.multiplier + self.buffer)
+            seconds = self.initial if initial is None else initial
+        else:
+            seconds = p99 * self.multiplier + self.buffer
+        outcomes = tracker.recent_outcomes(key)
+        successes = [s for censored, s in outcomes if not censored]
+        if successes and p99 is not None:
+            seconds = max(seconds, max(successes) * self.multiplier + self.buffer)
+        cuts = [s for censored, s in outcomes if censored]
+        if len(cuts) >= 2 and 2 * len(cuts) >= len(outcomes):
+            seconds = max(seconds, max(cuts) * self.multiplier + self.buffer)
+        return self.clamp(seconds, ceiling)
 
-    def clamp(self, seconds: float) -> float:
-        return min(max(seconds, self.minimum), self.maximum)
+    def clamp(self, seconds: float, ceiling: float | None = None) -> float:
+        top = self.maximum if ceiling is None else ceiling
+        return min(max(seconds, min(self.minimum, top)), top)
