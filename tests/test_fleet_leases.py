@@ -143,7 +143,7 @@ def test_owner_is_recorded_and_removed(make_backend, redis_url):
     _, token = a.acquire([("p1", 1)], "request-7", 5)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     h, o, _ = a.keys("p1")
-    assert client.hget(o, str(token)) == "request-7"
+    assert client.hget(o, str(token)) == "w1 request-7"
     a.release("p1", token)
     assert client.hlen(o) == 0 and client.zcard(h) == 0
 

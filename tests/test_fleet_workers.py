@@ -6,6 +6,8 @@ proxies count concurrent transfers themselves (``FaultProxy.max_active``).
 
 from __future__ import annotations
 
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,20 @@ import pytest
 import redis
 
 from scrapy_antideadlock.testing import FaultSite, Latency, run_crawl_subprocess
+from scrapy_antideadlock.testing.spiders import SiteSpider
 
 SPIDER = "scrapy_antideadlock.testing.spiders:SiteSpider"
 BOUND = 60.0  # outer time bound of every worker
+ITEMS = 240
+
+
+class AllItemsSpider(SiteSpider):
+    """Starts from every detail page, so each worker of a fleet has work from its start."""
+
+    async def start(self):
+        base = self.start_url.rsplit("/list/", 1)[0]
+        for i in range(ITEMS):
+            yield self.make_request(f"{base}/item/{FaultSite.key(i)}", self.parse_item, "item")
 
 
 @pytest.fixture
@@ -83,3 +96,169 @@ def test_four_workers_never_exceed_two_transfers_per_proxy(make_fault_proxy, red
                             "local")
         assert all(proc.returncode == 0 for proc in procs)
         assert max(p.max_active for p in proxies) > 2
+
+
+# ---------------------------------------------------------------- scrapy-redis workers
+
+
+def fleet_settings(redis_url: str, prefix: str, worker: str, *, reliable: bool = True,
+                   proxies: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "ADDONS": {"scrapy_antideadlock.Addon": 0},
+        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+        "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
+        "SCHEDULER_PERSIST": True,
+        "SCHEDULER_QUEUE_KEY": f"{prefix}:%(spider)s:requests",
+        "SCHEDULER_DUPEFILTER_KEY": f"{prefix}:%(spider)s:dupefilter",
+        "REDIS_URL": redis_url,
+        "ANTIDEADLOCK_WATCHDOG_ENABLED": False,
+        "CONCURRENT_REQUESTS": 24,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": 24,
+        "LOG_LEVEL": "INFO",
+    }
+    if reliable:
+        settings.update({
+            "SCHEDULER_QUEUE_CLASS": "scrapy_antideadlock.fleet.ReliableQueue",
+            "ANTIDEADLOCK_FLEET_REDIS_URL": redis_url,
+            "ANTIDEADLOCK_FLEET_KEY_PREFIX": prefix,
+            "ANTIDEADLOCK_FLEET_WORKER_ID": worker,
+            "ANTIDEADLOCK_FLEET_HEARTBEAT_INTERVAL": 0.5,
+            "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT": 3.0,
+        })
+    if proxies:
+        settings.update({
+            "ANTIDEADLOCK_PROXY_LIST": {proxy.url: 2 for proxy in proxies},
+            "ANTIDEADLOCK_DEADLINE_INITIAL": 5.0,
+            "ANTIDEADLOCK_PROXY_LEASE_GRACE": 1.0,
+        })
+    settings.update(extra)
+    return settings
+
+
+def start_workers(count: int, site: FaultSite, tmp: Path, **kwargs: Any) -> list[Any]:
+    return [run_crawl_subprocess(AllItemsSpider, fleet_settings(worker=f"w{i}", **kwargs),
+                                 items_path=tmp / f"w{i}.jsonl",
+                                 spider_kwargs={"start_url": site.start_url})
+            for i in range(count)]
+
+
+def leased_to(client: redis.Redis, prefix: str) -> dict[str, int]:
+    """Requests in flight per worker, read from the queue's processing structure."""
+    owners = client.hvals(f"{prefix}:site:requests:owner")
+    counts: dict[str, int] = {}
+    for owner in owners:
+        counts[owner.decode()] = counts.get(owner.decode(), 0) + 1
+    return counts
+
+
+def wait_for(predicate: Any, timeout: float, message: str, procs: list[Any]) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline or all(p.returncode is not None for p in procs):
+            raise AssertionError(f"{message}\n" + "\n".join(p.log_tail(15) for p in procs))
+        time.sleep(0.02)
+
+
+def items_by_worker(procs: list[Any]) -> list[list[str]]:
+    return [[item["key"] for item in proc.items()] for proc in procs]
+
+
+def test_sigkilled_worker_loses_nothing_and_its_leases_return(make_fault_proxy, redis_url,
+                                                               prefix, tmp_path):
+    proxies = [make_fault_proxy() for _ in range(3)]
+    client = redis.Redis.from_url(redis_url)
+    with FaultSite(pages=6, items_per_page=ITEMS // 6, latency=Latency.fixed(0.1)) as site:
+        procs = start_workers(4, site, tmp_path, redis_url=redis_url, prefix=prefix,
+                              proxies=proxies)
+        try:
+            def victim() -> str | None:
+                counts = leased_to(client, prefix)
+                holders = b" ".join(v for k in client.scan_iter(f"{prefix}:lease:proxy:*:o")
+                                    for v in client.hvals(k))
+                return next((w for w, n in counts.items()
+                             if n >= 20 and w.encode() + b" " in holders), None)
+
+            name = wait_for(victim, 40, "no worker held 20 requests and a proxy lease", procs)
+            killed = procs[int(name[1:])]
+            popped = leased_to(client, prefix)[name]
+            killed.kill(signal.SIGKILL)
+            assert killed.wait(10) == -signal.SIGKILL
+            killed_at = time.monotonic()
+            tokens = [(k, t) for k in client.scan_iter(f"{prefix}:lease:proxy:*:o")
+                      for t, v in client.hgetall(k).items() if v.startswith(name.encode())]
+            # Its leases return within their TTL (deadline 5 s + grace 1 s) ...
+            wait_for(lambda: all(_expired(client, k, t) for k, t in tokens), 6.5,
+                     "the dead worker's leases did not expire within the TTL", procs)
+            assert time.monotonic() - killed_at <= 6.5
+            live = [p for p in procs if p is not killed]
+            for proc in live:
+                assert proc.wait(BOUND) == 0, proc.log_tail()
+        finally:
+            for proc in procs:
+                proc.kill()
+        expected = site.expected_keys()
+        survivors = items_by_worker(live)
+        union = {key for keys in items_by_worker(procs) for key in keys}
+        assert union == set(expected)  # every URL, including the dead worker's 20+
+        flat = [key for keys in survivors for key in keys]
+        assert len(flat) == len(set(flat))  # the survivors stored each key once
+        redelivered = sum(p.stats()["antideadlock/fleet/redelivered"] for p in live
+                          if "antideadlock/fleet/redelivered" in p.stats())
+        assert redelivered >= popped >= 20
+        assert max(p.max_active for p in proxies) <= 2
+        assert client.zcard(f"{prefix}:site:requests:processing") == 0
+        assert client.zcard(f"{prefix}:site:requests:pending") == 0
+        assert client.hlen(f"{prefix}:site:requests:quarantine") == 0
+
+
+def _expired(client: redis.Redis, owners_key: bytes, token: bytes) -> bool:
+    score = client.zscore(owners_key[:-2] + b":h", token)
+    seconds, micros = client.time()
+    return score is None or score <= seconds * 1000 + micros / 1000
+
+
+def test_plain_scrapy_redis_loses_the_killed_workers_requests(redis_url, prefix, tmp_path):
+    with FaultSite(pages=6, items_per_page=ITEMS // 6, latency=Latency.fixed(0.3)) as site:
+        procs = start_workers(3, site, tmp_path, redis_url=redis_url, prefix=prefix,
+                              reliable=False)
+        killed = procs[0]
+        try:
+            wait_for(lambda: len(killed.items()) >= 5, 40, "the first worker got no items",
+                     procs)
+            killed.kill(signal.SIGKILL)
+            for proc in procs[1:]:
+                assert proc.wait(BOUND) == 0, proc.log_tail()
+        finally:
+            for proc in procs:
+                proc.kill()
+        union = {key for keys in items_by_worker(procs) for key in keys}
+        missing = set(site.expected_keys()) - union
+        assert len(missing) >= 10  # popped by the dead worker, gone for good
+
+
+def test_redis_restarted_mid_crawl_workers_carry_on(make_fault_proxy, redis_server, tmp_path):
+    proxies = [make_fault_proxy() for _ in range(2)]
+    prefix = "adtest:restart"
+    with FaultSite(pages=6, items_per_page=ITEMS // 6, latency=Latency.fixed(0.05)) as site:
+        procs = start_workers(3, site, tmp_path, redis_url=redis_server.url, prefix=prefix,
+                              proxies=proxies, ANTIDEADLOCK_FLEET_RETRY_AFTER=0.2,
+                              CONCURRENT_REQUESTS=8, CONCURRENT_REQUESTS_PER_DOMAIN=8)
+        try:
+            wait_for(lambda: sum(len(p.items()) for p in procs) >= ITEMS // 4, 40,
+                     "no progress before the restart", procs)
+            redis_server.restart()  # SIGTERM, then a new server on the same port and data
+            for proc in procs:
+                assert proc.wait(BOUND) == 0, proc.log_tail()
+        finally:
+            for proc in procs:
+                proc.kill()
+        union = {key for keys in items_by_worker(procs) for key in keys}
+        assert union == set(site.expected_keys())
+        stats = [p.stats() for p in procs]
+        assert sum(s.get("antideadlock/fleet/degraded", 0) for s in stats) >= 1
+        client = redis.Redis.from_url(redis_server.url)
+        assert client.zcard(f"{prefix}:site:requests:processing") == 0
+        assert client.zcard(f"{prefix}:site:requests:pending") == 0

@@ -3,7 +3,7 @@
 Per member (proxy) ``m`` of pool ``p`` Redis holds:
 
 - ``<prefix>:lease:<p>:<m>:h`` — sorted set fencing token → expiry (ms, Redis clock);
-- ``<prefix>:lease:<p>:<m>:o`` — hash token → owner (for ``fleet status``);
+- ``<prefix>:lease:<p>:<m>:o`` — hash token → "<worker> <owner>" (for ``fleet status``);
 - ``<prefix>:lease:<p>:<m>:cool`` — present while the member cools down (PX);
 - ``<prefix>:lease:<p>:token`` — the fencing-token counter (INCR).
 
@@ -131,7 +131,8 @@ class RedisLeaseBackend:
         keys = [self.token_key]
         for member, _ in candidates:
             keys.extend(self.keys(member))
-        args: list[Any] = [owner, self._ms(ttl), *(cap for _, cap in candidates)]
+        holder = f"{self.link.worker} {owner}"  # who, for `fleet status`
+        args: list[Any] = [holder, self._ms(ttl), *(cap for _, cap in candidates)]
         try:
             got = self.link.call(self._acquire, keys=keys, args=args)
         except BackendUnavailable:

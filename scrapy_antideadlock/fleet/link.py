@@ -41,10 +41,11 @@ class FleetRedisRequired(RuntimeError):
     """Redis is unreachable and ANTIDEADLOCK_FLEET_REQUIRE_REDIS forbids degrading."""
 
 
-def make_client(url: str, timeout: float) -> redis.Redis:
+def make_client(url: str, timeout: float, **extra: Any) -> redis.Redis:
     """A client that fails within ``timeout`` and never retries on its own."""
+    extra = {k: v for k, v in extra.items() if v is not None}
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0, **extra)
 
 
 def default_worker_id() -> str:
@@ -56,10 +57,10 @@ class FleetLink:
 
     def __init__(self, url: str, *, prefix: str = "antideadlock", timeout: float = 0.5,
                  retry_after: float = 2.0, require: bool = False, stats: Any = None,
-                 worker: str | None = None) -> None:
+                 worker: str | None = None, **client_kwargs: Any) -> None:
         self.url = url
         self.prefix = prefix
-        self.client = make_client(url, timeout)
+        self.client = make_client(url, timeout, **client_kwargs)
         self.retry_after = retry_after
         self.require = require
         self.stats = stats

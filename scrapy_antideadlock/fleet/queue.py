@@ -1,0 +1,288 @@
+"""A scrapy-redis queue that leases requests instead of popping them.
+
+``SCHEDULER_QUEUE_CLASS = "scrapy_antideadlock.fleet.ReliableQueue"`` — with
+scrapy-redis's own ``Scheduler`` and ``RFPDupeFilter``; spiders do not change.
+
+scrapy-redis pops destructively: a worker killed with requests in flight (or in its
+callbacks) loses them. Here a pop moves the request, in one atomic script, to a
+*processing* set as "leased to worker W until T"; the worker's heartbeat moves T. The
+request is acknowledged (deleted) only when it is done the way the journal means it:
+its callback finished and its items passed the pipelines (the
+:mod:`scrapy_antideadlock.origin` moment). A worker that stops heartbeating has its
+requests re-delivered by the next pop of any live worker; a request delivered
+``FLEET_MAX_DELIVERIES`` times goes to a fleet-wide quarantine instead.
+
+While Redis is unreachable, pushes and acks are buffered in memory and written when it
+answers again, pops return nothing, and the queue reports pending work so the worker
+neither loses requests nor closes early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from scrapy import Request, signals
+from scrapy_redis.queue import Base
+
+from .. import metakeys
+from .. import settings as ad_settings
+from .. import stats as ad_stats
+from ..context import context_for
+from ..identity import strip_credentials
+from ..origin import origins_for
+from ..primitives import BackendUnavailable
+from . import scripts
+from .leases import link_for
+from .link import FleetLink
+from .worker import worker_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReliableQueue"]
+
+# Meta that means nothing in another process (see metakeys.PROCESS_LOCAL).
+_DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
+_RECLAIM_LIMIT = 100
+
+
+class ReliableQueue(Base):
+    """scrapy-redis queue class: leased pops, acks when done, re-delivery, quarantine."""
+
+    def __init__(self, server: Any, spider: Any, key: str, serializer: Any = None) -> None:
+        super().__init__(server, spider, key, serializer)
+        crawler = spider.crawler
+        self.crawler = crawler
+        self.stats = crawler.stats
+        conf = ad_settings.load(crawler.settings, "fleet")
+        self.conf = conf
+        self.link = link_for(crawler) or _link_from_server(server, conf, crawler.stats)
+        self.worker_id = self.link.worker
+        self.visibility_ms = int(conf.visibility_timeout * 1000)
+        self.keys = [f"{self.key}:{name}" for name in scripts.KEYS]
+        client = self.link.client
+        self._scripts = {name: client.register_script(getattr(scripts, name))
+                         for name in ("PUSH", "POP", "ACK", "NACK", "QUARANTINE", "RECLAIM",
+                                      "RENEW")}
+        self._leased: dict[Request, str] = {}  # popped and not done -> id
+        self._lock = threading.Lock()  # _leased is read by the heartbeat thread
+        self._outbox: deque[tuple[str, list[Any]]] = deque()  # writes Redis did not take
+        self._last_len = 0
+        self.counts = {"popped": 0, "acked": 0, "redelivered": 0, "quarantined": 0}
+        if conf.heartbeat_interval * 2 > conf.visibility_timeout:
+            raise ad_settings.SettingError(
+                "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT", "seconds > 2 x HEARTBEAT_INTERVAL",
+                conf.visibility_timeout, "a live worker's requests would be re-delivered")
+        if not crawler.settings.getbool("SCHEDULER_PERSIST"):
+            logger.warning("antideadlock fleet: SCHEDULER_PERSIST is off, so the first worker "
+                           "to close deletes the fleet's queue; set SCHEDULER_PERSIST = True")
+        origins_for(crawler).on_request_finished(self._finished)
+        crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+        context_for(crawler).put("fleet_queue", self)
+        self.worker = worker_for(crawler, self.link)
+        self.worker.add_queue(self)
+        self.worker.start()
+        try:
+            self.link.call(self.link.client.sadd, self.link.key("queues"), self.key)
+        except BackendUnavailable:
+            pass
+
+    # ------------------------------------------------------------------ scrapy-redis API
+
+    def __len__(self) -> int:
+        """Pending + leased anywhere in the fleet (+ buffered here): the fleet is done at 0."""
+        try:
+            pending, processing = self.link.call(self._sizes)
+            self._last_len = pending + processing
+        except BackendUnavailable:
+            self._last_len = max(self._last_len, 1)  # unknown: do not close while it is down
+        return self._last_len + len(self._outbox)
+
+    def _sizes(self) -> tuple[int, int]:
+        pipe = self.link.client.pipeline(transaction=False)
+        pipe.zcard(self.keys[0]).zcard(self.keys[3])
+        pending, processing = pipe.execute()
+        return int(pending), int(processing)
+
+    def push(self, request: Request) -> None:
+        args = [-request.priority, self._encode_request(request)]
+        self._flush()
+        if self._outbox or not self._write("PUSH", args):
+            self._buffer("PUSH", args)
+        self._inc(ad_stats.FLEET_PUSHED)
+
+    def pop(self, timeout: int = 0) -> Request | None:
+        self._flush()
+        if self._outbox:
+            return None  # Redis is (still) down
+        try:
+            got = self.link.call(self._scripts["POP"], keys=self.keys,
+                                 args=[self.worker_id, self.visibility_ms,
+                                       self.conf.max_deliveries, _RECLAIM_LIMIT])
+        except BackendUnavailable:
+            return None
+        self._reclaimed(int(got[0]), int(got[1]))
+        if len(got) < 3:
+            return None
+        rid = _text(got[2])
+        try:
+            request = self._decode_request(got[3])
+        except Exception as exc:  # a renamed callback, changed code: never loop on it
+            logger.error("antideadlock fleet: cannot rebuild request %s (%s: %s); quarantined",
+                         rid, type(exc).__name__, exc)
+            self._quarantine(rid, {"reason": f"undecodable: {type(exc).__name__}: {exc}"})
+            return None
+        with self._lock:
+            self._leased[request] = rid
+        self.counts["popped"] += 1
+        self._inc(ad_stats.FLEET_POPPED)
+        return request
+
+    def clear(self) -> None:
+        self.link.call(self.link.client.delete, *self.keys)
+
+    def _encode_request(self, request: Request) -> bytes:
+        obj = request.to_dict(spider=self.spider)
+        meta = obj["meta"] = dict(obj.get("meta") or {})  # to_dict shares the live meta
+        for name in _DROP_META:
+            meta.pop(name, None)
+        return self.serializer.dumps(obj)
+
+    # ------------------------------------------------------------------ done / given back
+
+    def _finished(self, request: Request) -> None:
+        """Origin tracker: ``request``'s callback and items are done (or it failed)."""
+        with self._lock:
+            rid = self._leased.pop(request, None)
+        if rid is None:
+            return  # not popped from this queue (a child, a retry copy not yet popped)
+        meta = request.meta
+        if meta.get(metakeys.QUARANTINED):
+            attempts = int(meta.get(metakeys.REQUEUES, 0)) + 1
+            self._quarantine(rid, {"reason": "recovery", "attempts": attempts,
+                                   "url": strip_credentials(request.url)})
+        elif meta.get(metakeys.JOURNAL_KEEP):
+            self._give_back(rid)
+        else:
+            self._ack(rid)
+
+    def _ack(self, rid: str) -> None:
+        self.counts["acked"] += 1
+        self._inc(ad_stats.FLEET_ACKED)
+        args = [rid, self.worker_id]
+        self._flush()
+        if self._outbox:
+            self._buffer("ACK", args)
+            return
+        result = self._write("ACK", args)
+        if result is None:
+            self._buffer("ACK", args)
+        elif int(result) == 2:
+            self._inc(ad_stats.FLEET_STALE_ACKS)
+
+    def _give_back(self, rid: str) -> None:
+        self._inc(ad_stats.FLEET_NACKED)
+        self._write("NACK", [rid, self.worker_id])  # if Redis is down, the TTL re-delivers
+
+    def _quarantine(self, rid: str, record: dict[str, Any]) -> None:
+        record = {**record, "worker": self.worker_id, "at": time.time()}
+        self.counts["quarantined"] += 1
+        self._inc(ad_stats.FLEET_QUARANTINED)
+        logger.error("antideadlock fleet: request %s quarantined fleet-wide: %s", rid, record)
+        self._write("QUARANTINE", [rid, self.worker_id, json.dumps(record)])
+
+    def _reclaimed(self, requeued: int, quarantined: int) -> None:
+        if requeued:
+            self.counts["redelivered"] += requeued
+            self._inc(ad_stats.FLEET_REDELIVERED, requeued)
+            logger.warning("antideadlock fleet: %d requests of a worker that stopped "
+                           "heartbeating are back in the queue", requeued)
+        if quarantined:
+            self.counts["quarantined"] += quarantined
+            self._inc(ad_stats.FLEET_QUARANTINED, quarantined)
+            logger.error("antideadlock fleet: %d requests reached %d deliveries; quarantined "
+                         "fleet-wide (%s)", quarantined, self.conf.max_deliveries,
+                         self.keys[6])
+
+    def leased_ids(self) -> list[str]:
+        """Ids leased to this worker (any thread)."""
+        with self._lock:
+            return list(self._leased.values())
+
+    def renew(self, client: Any) -> int:
+        """Heartbeat thread: move the visibility deadline of this worker's requests."""
+        ids = self.leased_ids()
+        if not ids:
+            return 0
+        return int(self._scripts["RENEW"](keys=[self.keys[3], self.keys[4]],
+                                          args=[self.worker_id, self.visibility_ms, *ids],
+                                          client=client))
+
+    def give_back_all(self) -> int:
+        """Return every request still leased here to the shared queue (any thread)."""
+        with self._lock:
+            ids, self._leased = list(self._leased.values()), {}
+        given = 0
+        for rid in ids:
+            given += int(self._write("NACK", [rid, self.worker_id]) or 0)
+        if given:
+            self._inc(ad_stats.FLEET_NACKED, given)
+        return given
+
+    def _spider_closed(self, spider: Any = None, reason: str = "") -> None:
+        self._flush()
+        given = self.give_back_all()
+        if given:
+            logger.info("antideadlock fleet: %d requests still leased at close went back to "
+                        "the shared queue", given)
+        if self._outbox:
+            logger.error("antideadlock fleet: Redis unreachable at close; %d queue writes "
+                         "could not be made (requests leased here return after %.0fs)",
+                         len(self._outbox), self.conf.visibility_timeout)
+
+    # ------------------------------------------------------------------ Redis writes
+
+    def _write(self, script: str, args: list[Any]) -> Any:
+        """Run one script; None if Redis is unreachable."""
+        try:
+            return self.link.call(self._scripts[script], keys=self.keys, args=args)
+        except BackendUnavailable:
+            return None
+
+    def _buffer(self, script: str, args: list[Any]) -> None:
+        self._outbox.append((script, args))
+        self._inc(ad_stats.FLEET_BUFFERED)
+
+    def _flush(self) -> None:
+        """Write what was buffered while Redis was down, oldest first."""
+        while self._outbox:
+            script, args = self._outbox[0]
+            result = self._write(script, args)
+            if result is None:
+                return
+            self._outbox.popleft()
+            if script == "ACK" and int(result) == 2:
+                self._inc(ad_stats.FLEET_STALE_ACKS)
+
+    def _inc(self, name: str, count: int = 1) -> None:
+        if self.stats is not None:
+            self.stats.inc_value(name, count)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _link_from_server(server: Any, conf: Any, stats: Any) -> FleetLink:
+    """A fleet link to scrapy-redis's own Redis (when FLEET_REDIS_URL is not set)."""
+    kwargs = server.connection_pool.connection_kwargs
+    url = f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/" \
+          f"{kwargs.get('db', 0)}"
+    return FleetLink(url, prefix=conf.key_prefix, timeout=conf.redis_timeout,
+                     retry_after=conf.retry_after, require=conf.require_redis, stats=stats,
+                     worker=conf.worker_id, password=kwargs.get("password"),
+                     username=kwargs.get("username"))
