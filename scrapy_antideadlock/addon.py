@@ -63,6 +63,10 @@ COMPONENTS: list[Component] = [
               when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off"),
     Component("EXTENSIONS", "scrapy_antideadlock.health.HealthExtension", 130,
               "ANTIDEADLOCK_ENABLED"),
+    # ---- fleet ----
+    Component("EXTENSIONS", "scrapy_antideadlock.fleet.worker.FleetExtension", 140,
+              "ANTIDEADLOCK_ENABLED", ("redis",),
+              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_FLEET_REDIS_URL"))),
 ]
 
 def _use_safe_playwright(settings: Any) -> None:
