@@ -411,6 +411,9 @@ class Recovery:
         if journal is not None:
             journal.save_from_thread()  # records are written as they happen; fsync them
             pending = len(journal.journal.pending_keys())
+        fleet = context_for(self.crawler).get("fleet_queue")
+        if fleet is not None:  # fleet mode: leased requests go back to the shared queue now
+            fleet.give_back_all()
         if diagnosis is None:
             episode = self._episode or {}
             diagnosis = episode.get("diagnosis")
