@@ -262,3 +262,39 @@ def test_redis_restarted_mid_crawl_workers_carry_on(make_fault_proxy, redis_serv
         client = redis.Redis.from_url(redis_server.url)
         assert client.zcard(f"{prefix}:site:requests:processing") == 0
         assert client.zcard(f"{prefix}:site:requests:pending") == 0
+
+
+class BlockingItemsSpider(AllItemsSpider):
+    """Blocks the event loop in the callback of the 30th item (time.sleep)."""
+
+    def parse_item(self, response: Any, **kwargs: Any) -> Any:
+        if response.url.endswith(FaultSite.key(29)):
+            time.sleep(120)
+        yield from super().parse_item(response, **kwargs)
+
+
+def test_hard_exit_gives_leased_requests_back_at_once(redis_url, prefix, tmp_path):
+    from scrapy_antideadlock.recovery import EXIT_BLOCKED_LOOP
+
+    with FaultSite(pages=6, items_per_page=ITEMS // 6, latency=Latency.fixed(0.05)) as site:
+        settings = fleet_settings(redis_url, prefix, "hx",
+                                  ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT=120.0,
+                                  ANTIDEADLOCK_RECOVERY_LEVEL="exit",
+                                  ANTIDEADLOCK_WATCHDOG_ENABLED=True,
+                                  ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD=1.0,
+                                  ANTIDEADLOCK_RECOVERY_BLOCKED_LOOP_EXIT_AFTER=2.0)
+        proc = run_crawl_subprocess(BlockingItemsSpider, settings,
+                                    items_path=tmp_path / "hx.jsonl",
+                                    spider_kwargs={"start_url": site.start_url})
+        with proc:
+            assert proc.wait(BOUND) == EXIT_BLOCKED_LOOP, proc.log_tail()
+        client = redis.Redis.from_url(redis_url)
+        # The heartbeat thread outlived the blocked loop, so without the hand-back these
+        # would stay leased for the 120 s visibility timeout.
+        assert client.zcard(f"{prefix}:site:requests:processing") == 0
+        assert client.zcard(f"{prefix}:site:requests:pending") > 0
+        after = start_workers(1, site, tmp_path, redis_url=redis_url, prefix=prefix)[0]
+        with after:
+            assert after.wait(BOUND) == 0, after.log_tail()
+    union = {item["key"] for p in (proc, after) for item in p.items()}
+    assert union == set(site.expected_keys())
