@@ -107,10 +107,7 @@ def _child_classes() -> None:
 
 
 def _browser_of(handler: Any) -> Any:
-    session = getattr(handler, "session", None)
-    if session is not None:
-        return session.browser
-    return getattr(handler, "browser", None)
+    return getattr(getattr(handler, "primary", handler), "browser", None)
 
 
 async def _browser_counts(browser: Any) -> tuple[int, int]:

@@ -74,9 +74,7 @@ def proc_state(pid: int) -> str:
 
 
 def live_browser(handler: Any) -> Browser | None:
-    if isinstance(handler, SafePlaywrightDownloadHandler):
-        return handler.session.browser
-    return getattr(handler, "browser", None)
+    return getattr(getattr(handler, "primary", handler), "browser", None)
 
 
 async def record_open_pages(handler: Any) -> None:
@@ -453,7 +451,7 @@ async def test_browser_hung_in_close_is_killed(chromium: str, make_fault_site: A
     await asyncio.wait_for(handler._launch(), 30)
     await asyncio.wait_for(handler.download_request(
         req(site.url("/item/k00000"), playwright_include_page=True)), 30)
-    pid = handler.session.browser_pid
+    pid = handler.browser_pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     start = time.monotonic()
@@ -488,30 +486,9 @@ class ContextPerItemSpider(SiteSpider):
 KILL_AT = (4, 10, 16)  # new_page calls right after which the browser is SIGKILLed
 
 
-class KillMidNewPage(SafeProbe):
-    """Ours: kills the browser right after some new_page calls were sent (KILL_AT)."""
-
-    async def _launch(self) -> None:
-        await super()._launch()
-        session = self.session
-        if getattr(session, "_test_patched", False):
-            return
-        session._test_patched = True
-        original = session._new_page_call
-        calls = itertools.count(1)
-
-        def new_page_call(ctx: Any) -> Any:
-            call = asyncio.ensure_future(original(ctx))
-            if next(calls) in KILL_AT:
-                self.stats.inc_value("test/kills")
-                os.kill(session.browser_pid, signal.SIGKILL)
-            return call
-
-        session._new_page_call = new_page_call
-
-
-class StockKillMidNewPage(StockProbe):
-    """Stock: the same kills, hooked into each new context's new_page."""
+class KillMidNewPageMixin:
+    """Kills the browser right after some new_page calls were sent (KILL_AT), hooked into
+    each new context's new_page: the same hook works for the stock class and ours."""
 
     calls = itertools.count(1)
 
@@ -523,16 +500,25 @@ class StockKillMidNewPage(StockProbe):
     async def _create_browser_context(self, *args: Any, **kwargs: Any) -> Any:
         wrapper = await super()._create_browser_context(*args, **kwargs)
         original = wrapper.context.new_page
+        calls = type(self).calls
 
         async def new_page(*a: Any, **kw: Any) -> Any:
             call = asyncio.ensure_future(original(*a, **kw))
-            if next(StockKillMidNewPage.calls) in KILL_AT:
+            if next(calls) in KILL_AT:
                 self.stats.inc_value("test/kills")
                 os.kill(self._pid, signal.SIGKILL)
             return await call
 
         wrapper.context.new_page = new_page
         return wrapper
+
+
+class StockKillMidNewPage(KillMidNewPageMixin, StockProbe):
+    calls = itertools.count(1)
+
+
+class KillMidNewPage(KillMidNewPageMixin, SafeProbe):
+    calls = itertools.count(1)
 
 
 @deferred_f_from_coro_f
@@ -638,7 +624,7 @@ def test_http_and_https_share_one_browser(share: bool) -> None:
         "unused", ANTIDEADLOCK_PLAYWRIGHT_SHARE_BROWSER=share))
     http = SafePlaywrightDownloadHandler.from_crawler(crawler)
     https = SafePlaywrightDownloadHandler.from_crawler(crawler)
-    assert (http.session is https.session) is share
+    assert (https.primary is http) is share
     contexts = [p for p in context_for(crawler).registry.pools() if p.kind == "context"]
     assert len(contexts) == (1 if share else 2)
 
@@ -784,7 +770,7 @@ async def test_new_context_overrunning_its_bound_is_closed_when_it_arrives(
     async with started(SafePlaywrightDownloadHandler,
                        ANTIDEADLOCK_PLAYWRIGHT_CALL_TIMEOUT=2) as handler:
         await asyncio.wait_for(handler.download_request(req(site.url("/item/k00000"))), 30)
-        browser, pid = live_browser(handler), handler.session.browser_pid
+        browser, pid = live_browser(handler), handler.browser_pid
         os.kill(pid, signal.SIGSTOP)
         try:
             with pytest.raises(PlaywrightCallTimeout) as info:
@@ -795,4 +781,4 @@ async def test_new_context_overrunning_its_bound_is_closed_when_it_arrives(
         assert info.value.call == "new_context"
         await asyncio.sleep(1.5)  # the late context arrives and is closed
         assert await browser_counts(browser) == (0, 1)  # only "default" (idle) is left
-        assert "late" not in handler.session.contexts
+        assert "late" not in handler.context_wrappers
