@@ -1,8 +1,10 @@
-"""ReliableQueue's scripts and bookkeeping against a real Redis (no crawl, fast)."""
+"""ReliableQueue's scripts and bookkeeping, and ``fleet status``, against a real Redis (fast)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -13,6 +15,7 @@ from scrapy import Request, Spider
 from scrapy.utils.test import get_crawler
 
 from scrapy_antideadlock import metakeys
+from scrapy_antideadlock.fleet.leases import RedisLeaseBackend
 from scrapy_antideadlock.fleet.queue import ReliableQueue
 from scrapy_antideadlock.origin import origins_for
 
@@ -200,3 +203,51 @@ def test_redis_down_buffers_writes_and_keeps_the_worker_alive(make_queue, redis_
     finish(q, again)
     assert len(q) == 0
     assert q.crawler.stats.get_value("antideadlock/fleet/buffered") == 2
+
+
+# ---------------------------------------------------------------- fleet status
+
+
+def test_status_shows_workers_leases_inflight_and_quarantine(make_queue, redis_url, prefix):
+    a, b = make_queue("wa"), make_queue("wb")
+    for i in range(4):
+        a.push(Request(f"http://a/{i}"))
+    taken = [a.pop(), a.pop(), b.pop()]
+    taken[0].meta[metakeys.QUARANTINED] = True
+    finish(a, taken[0])
+    backend = RedisLeaseBackend(a.link, "proxy")
+    backend.acquire([("http://127.0.0.1:1", 2)], "req-1", 5)
+    backend.cooldown("http://127.0.0.1:2", 30)
+    assert RedisLeaseBackend(b.link, "proxy").acquire([("http://127.0.0.1:1", 2)], "r2", 5)
+    b.worker.stop()  # b leaves: its key goes, its lease and request stay until their TTL
+    time.sleep(0.1)
+
+    def status(*extra: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "scrapy_antideadlock.fleet", "status",
+                              "--url", redis_url, "--prefix", prefix, *extra],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    data = json.loads(status("--json"))
+    assert data["workers"]["wa"]["state"] == "running" and data["workers"]["wa"]["healthy"]
+    assert data["workers"]["wb"]["state"] == "gone"
+    assert data["workers"]["wa"]["inflight"] == 1 and data["workers"]["wb"]["inflight"] == 1
+    assert data["workers"]["wa"]["leases"] == 1 and data["workers"]["wb"]["leases"] == 1
+    proxies = data["leases"]["proxy"]
+    assert proxies["http://127.0.0.1:1"]["held"] == 2
+    assert proxies["http://127.0.0.1:2"]["cooldown"] > 20
+    queue = data["queues"][a.key]
+    assert (queue["pending"], queue["leased"], queue["quarantined"]) == (1, 2, 1)
+    assert queue["deliveries"] == {"1": 2} and queue["quarantine_reasons"] == {"recovery": 1}
+    text = status()
+    for needle in ("WORKERS", "LEASES", "QUEUES", "wa", "gone", "1 pending, 2 leased",
+                   "cooldown", "recovery=1"):
+        assert needle in text
+
+
+def test_status_names_an_unreachable_redis():
+    out = subprocess.run([sys.executable, "-m", "scrapy_antideadlock.fleet", "status",
+                          "--url", "redis://127.0.0.1:1/0"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2 and "cannot read the fleet" in out.stderr
