@@ -52,6 +52,7 @@ def make_queue(redis_url, prefix):
             **settings})
         spider = QSpider.from_crawler(crawler)
         crawler.spider = spider
+        origins_for(crawler).hooked = True  # as ItemOriginMiddleware does at spider_opened
         queue = ReliableQueue(redis.Redis.from_url(redis_url), spider, f"{prefix}:q:requests")
         made.append(queue)
         return queue
@@ -251,3 +252,12 @@ def test_status_names_an_unreachable_redis():
                           "--url", "redis://127.0.0.1:1/0"], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 2 and "cannot read the fleet" in out.stderr
+
+
+def test_without_the_origin_hook_requests_are_acked_at_pop_not_leased_for_ever(make_queue,
+                                                                               caplog):
+    q = make_queue()
+    origins_for(q.crawler).hooked = False
+    q.push(Request("http://a/1"))
+    assert q.pop() is not None
+    assert len(q) == 0 and "ItemOriginMiddleware is not enabled" in caplog.text

@@ -72,6 +72,7 @@ class ReliableQueue(Base):
         self._lock = threading.Lock()  # _leased is read by the heartbeat thread
         self._outbox: deque[tuple[str, list[Any]]] = deque()  # writes Redis did not take
         self._last_len = 0
+        self._acks_at_pop = None  # decided at the first pop: can completion be observed?
         self.counts = {"popped": 0, "acked": 0, "redelivered": 0, "quarantined": 0}
         if conf.heartbeat_interval * 2 > conf.visibility_timeout:
             raise ad_settings.SettingError(
@@ -136,10 +137,20 @@ class ReliableQueue(Base):
                          rid, type(exc).__name__, exc)
             self._quarantine(rid, {"reason": f"undecodable: {type(exc).__name__}: {exc}"})
             return None
-        with self._lock:
-            self._leased[request] = rid
         self.counts["popped"] += 1
         self._inc(ad_stats.FLEET_POPPED)
+        if self._acks_at_pop is None:
+            self._acks_at_pop = not origins_for(self.crawler).hooked
+            if self._acks_at_pop:
+                logger.error("antideadlock fleet: ItemOriginMiddleware is not enabled, so the "
+                             "end of a request cannot be observed; requests are acknowledged "
+                             "when popped (plain scrapy-redis: a dead worker loses them). Add "
+                             "it to SPIDER_MIDDLEWARES (the add-on does)")
+        if self._acks_at_pop:
+            self._ack(rid)
+            return request
+        with self._lock:
+            self._leased[request] = rid
         return request
 
     def clear(self) -> None:
