@@ -125,11 +125,22 @@ def _child(spec: dict[str, Any]) -> None:
 
     settings = {"LOG_LEVEL": "ERROR", **spec["settings"]}
 
+    profiler = None
+    if os.environ.get("BENCH_CPROFILE"):  # bench._profile: a cProfile dump of the crawl
+        import cProfile
+
+        profiler = cProfile.Profile()
+
     async def main() -> None:
         t0[0] = time.monotonic()
         cpu0 = time.process_time()
+        if profiler is not None:
+            profiler.enable()
         result = await run_crawl(TimedSpider, settings, timeout=spec["window"],
                                  expect_hang=True, start_url=spec["start_url"])
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.environ["BENCH_CPROFILE"])
         report = {"items": len(times), "times": [round(t, 3) for t in times],
                   "finished": result.finished, "elapsed": time.monotonic() - t0[0],
                   "cpu": time.process_time() - cpu0,
