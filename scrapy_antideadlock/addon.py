@@ -73,9 +73,19 @@ def _use_safe_playwright(settings: Any) -> None:
     """Swap scrapy-playwright's stock handler for the safe subclass, where configured."""
     if importlib.util.find_spec("scrapy_playwright") is None:
         return  # optional dependency not installed: nothing to swap
+    if not any(_names_playwright(path) for path in settings["DOWNLOAD_HANDLERS"].values()):
+        return  # no Playwright handler configured: importing Playwright would only cost
     from .playwright import configure_download_handlers
 
     configure_download_handlers(settings)
+
+
+def _names_playwright(path: Any) -> bool:
+    """Whether a DOWNLOAD_HANDLERS value is (or may be) scrapy-playwright's handler."""
+    if path is None:
+        return False
+    name = path if isinstance(path, str) else getattr(path, "__module__", "")
+    return name.startswith("scrapy_playwright")
 
 
 def _wrap_download_handlers(settings: Any) -> None:

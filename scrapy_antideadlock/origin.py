@@ -40,10 +40,16 @@ _CHILD_RESET = (OWNER_META_KEY, JOURNAL_KEY)
 
 
 class OriginTracker:
-    """Crawler-scoped: item -> owner id, and "request done" callbacks."""
+    """Crawler-scoped: item -> owner id, and "request done" callbacks.
+
+    Tags are dropped when their request is done (all its items left the pipelines), so
+    no per-item signal handler runs; without that hook (another Scrapy layout) the
+    middleware falls back to the item_scraped/dropped/error signals.
+    """
 
     def __init__(self) -> None:
         self._owners: dict[int, str] = {}  # id(item) -> owner; items may be unhashable dicts
+        self._tagged: dict[Request, list[int]] = {}  # request -> ids of its tagged items
         self._done: list[Callable[[str], Any]] = []
         self._finished: list[Callable[[Request], Any]] = []
         self.hooked = False  # True once request completion is observed
@@ -62,13 +68,25 @@ class OriginTracker:
 
     # -- fed by the middleware -------------------------------------------------------
 
-    def tag(self, item: Any, request: Request) -> None:
-        self._owners[id(item)] = request_id(request)
+    def tag(self, item: Any, request: Request, owner: str | None = None) -> None:
+        key = id(item)
+        self._owners[key] = owner or request_id(request)
+        if self.hooked:
+            tagged = self._tagged.get(request)
+            if tagged is None:
+                self._tagged[request] = [key]
+            else:
+                tagged.append(key)
 
     def untag(self, item: Any) -> None:
         self._owners.pop(id(item), None)
 
     def finished(self, request: Request) -> None:
+        tagged = self._tagged.pop(request, None)
+        if tagged:
+            owners = self._owners
+            for key in tagged:
+                owners.pop(key, None)
         for callback in self._finished:
             try:
                 callback(request)
@@ -94,8 +112,6 @@ class ItemOriginMiddleware:
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
         self.tracker = origins_for(crawler)
-        for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
-            crawler.signals.connect(self._item_left, signal=signal)
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
 
     @classmethod
@@ -110,6 +126,9 @@ class ItemOriginMiddleware:
             return
         if compat.on_request_done(self.crawler.engine, self.tracker.finished):
             self.tracker.hooked = True
+        else:  # no "request done" moment: drop each tag when its item leaves the pipelines
+            for signal in (signals.item_scraped, signals.item_dropped, signals.item_error):
+                self.crawler.signals.connect(self._item_left, signal=signal)
 
     # -- spider middleware -----------------------------------------------------------
 

@@ -239,6 +239,9 @@ _define("deadline", "DEADLINE_MIN_SAMPLES", 20, positive_int, "an integer >= 1",
         "Successful responses per slot before the adaptive deadline is used.")
 _define("deadline", "DEADLINE_WINDOW", 2000, positive_int, "an integer >= 1",
         "Samples per histogram generation: p99 reflects the last 1-2 windows.")
+_define("deadline", "DEADLINE_SLOT_HISTORIES", 1000, positive_int, "an integer >= 1",
+        "Slots whose latency history is kept (least recently used out); a slot without one "
+        "uses the crawl-wide history until it has MIN_SAMPLES of its own.")
 
 
 def _integer(value: Any) -> int:

@@ -61,10 +61,13 @@ DEADLINE_CANCELS = _stat("deadline/cancels",
                          "Downloads cancelled through the guarded handler (any reason).")
 DEADLINE_LENT = _stat("deadline/lent", "Concurrency slots lent by overdue transfers.")
 DEADLINE_LENT_MAX = _stat("deadline/lent_max", "Most concurrency slots lent at one time.")
+DEADLINE_SLOTS_EVICTED = _stat("deadline/slots_evicted",
+                               "Slot latency histories dropped (least recently used) to keep "
+                               "memory bounded; such a slot starts again from the shared prior.")
 DEADLINE_P99 = _stat("deadline/p99/{slot}",
-                     "p99 of successful transfer latency per downloader slot at close, s.")
+                     "p99 of successful transfer latency per downloader slot at close, s (the 20 busiest).")
 DEADLINE_TIMEOUT = _stat("deadline/timeout/{slot}",
-                         "Adaptive deadline per downloader slot at close, s.")
+                         "Adaptive deadline per downloader slot at close, s (the 20 busiest).")
 
 # ---- proxy -------------------------------------------------------------------------------
 # (section owned by the downloader middleware)

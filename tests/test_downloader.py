@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 from scrapy import Request
 
+from scrapy_antideadlock.compat.downloader import downloader_of
 from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.downloader import guard_for, inflight_for
 from scrapy_antideadlock.exceptions import DeadlineExceeded, DownloadCancelled
@@ -198,7 +199,7 @@ async def test_overdue_transfers_lend_their_slot_within_the_bound(make_fault_sit
     assert stats["antideadlock/deadline/lent_max"] <= 2
     assert max(in_flight) <= 4
     assert in_flight and max(in_flight) > 2  # lending really happened
-    assert guard_for(result.crawler)._downloader is None or \
+    assert downloader_of(result.crawler) is None or \
         result.crawler.engine.downloader.total_concurrency == 2
     assert_nothing_held(result)
 

@@ -1,11 +1,16 @@
 """Per-crawler state shared by the deadline middleware and the guarded download handler.
 
-One :class:`DownloadGuard` per crawler holds the latency trackers, the timeout
-policy, the proxy :class:`LeasePool` and the :class:`InFlightTracker`. The
-middleware stamps each request with its deadline before the downloader slot
-queue; the handler takes the proxy lease *after* the queue (so no lease is held
-while queued), runs the transfer in its own task and turns a cancel or a missed
-deadline into an ordinary exception.
+One :class:`DownloadGuard` per crawler (in the crawler context, role "guard") joins
+three parts: the deadline policy (:mod:`.policy`), proxy leasing (:mod:`.leasing`) and
+the in-flight tracker (:mod:`.inflight`); every Scrapy internal it touches goes
+through :mod:`scrapy_antideadlock.compat.downloader`. The middleware stamps each
+request with its deadline before the downloader slot queue; the handler takes the
+proxy lease *after* the queue (so no lease is held while queued), runs the transfer in
+its own task and turns a cancel or a missed deadline into an ordinary exception.
+
+Cost when nothing is wrong: per request one task and one future for the transfer;
+deadlines are enforced by one periodic check (DEADLINE_TICK) over the requests in
+flight, not by a timer per request, and per-request counters reach the stats there.
 """
 
 from __future__ import annotations
@@ -13,35 +18,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
-from twisted.python.failure import Failure
 
 from .. import metakeys
 from .. import settings as ad_settings
-from .. import signals as ad_signals
 from .. import stats as ad_stats
-from ..compat import scrapy as compat
+from ..compat import downloader as compat
 from ..context import context_for
-from ..exceptions import DeadlineExceeded, DownloadCancelled, ProxyLeaseTimeout
+from ..exceptions import DeadlineExceeded, DownloadCancelled
 from ..identity import describe, request_id
-from ..primitives import (
-    LatencyTracker,
-    LeasePool,
-    LeaseTimeout,
-    PoolClosed,
-    TimeoutPolicy,
-)
-from .proxies import ProxyEndpoint, parse_proxies
+from .inflight import InFlightDownload, InFlightTracker
+from .leasing import ProxyLeasing
+from .policy import DeadlinePolicy
 
 if TYPE_CHECKING:
     from scrapy import Request
     from scrapy.crawler import Crawler
     from scrapy.http import Response
 
-    from ..primitives import Lease
+    from ..primitives import LatencyTracker, Lease, TimeoutPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -52,83 +49,9 @@ LEASE_RETRY_KEY = metakeys.LEASE_RETRIES
 PROXY_MARK_KEY = metakeys.PROXY_MARK
 NO_PROXY_KEY = metakeys.NO_PROXY
 _INNER_TIMEOUT_MARGIN = 0.5  # the wrapped handler's own timer fires after ours
-_TIMEOUT_CACHE_TTL = 0.5  # recompute a slot's deadline at most twice a second
 
-
-@dataclass(eq=False)
-class InFlightDownload:
-    """A request between the deadline middleware and the end of its transfer."""
-
-    request: Request
-    owner: str
-    started: float
-    deadline: float | None
-    stage: str  # "queued" | "lease_wait" | "transfer"
-    slot: str = ""
-    timeout: float | None = None
-    key: str = ""  # latency key: the slot, or "<slot> [playwright]" for browser downloads
-    transfer_started: float | None = None
-    lease: Lease | None = None
-    cancel_exc: DownloadCancelled | None = None
-    waker: asyncio.Future[None] | None = None
-    lent: Any = None  # the downloader slot whose concurrency this transfer lent, or True
-
-
-class InFlightTracker:
-    """Every request the pack is responsible for, and the way to cancel one of them."""
-
-    def __init__(self, guard: DownloadGuard) -> None:
-        self._guard = guard
-        self._entries: dict[Request, InFlightDownload] = {}
-
-    def items(self) -> list[InFlightDownload]:
-        return list(self._entries.values())
-
-    def get(self, request: Request) -> InFlightDownload | None:
-        return self._entries.get(request)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add(self, entry: InFlightDownload) -> None:
-        self._entries[entry.request] = entry
-
-    def finish(self, request: Request) -> None:
-        self._entries.pop(request, None)
-
-    def overdue(self, now: float | None = None) -> list[InFlightDownload]:
-        now = time.monotonic() if now is None else now
-        return [e for e in self._entries.values() if e.deadline is not None and e.deadline <= now]
-
-    def cancel_threadsafe(self, request: Request, reason: str, *, retry: bool = False) -> None:
-        """:meth:`cancel` from another thread (e.g. the watchdog's monitor thread)."""
-        loop = self._guard.loop
-        if loop is None or loop.is_closed():
-            return
-        loop.call_soon_threadsafe(lambda: self.cancel(request, reason, retry=retry))
-
-    def cancel(self, request: Request, reason: str, *, retry: bool = False,
-               exc: DownloadCancelled | None = None) -> bool:
-        """Cancel ``request``; it reaches process_exception/errback as ``DownloadCancelled``.
-
-        Returns False if the request is not in flight (or is already cancelled). Call it
-        on the crawler's event loop; from another thread use :meth:`cancel_threadsafe`.
-        """
-        entry = self._entries.get(request)
-        if entry is None or entry.cancel_exc is not None:
-            return False
-        entry.cancel_exc = exc or DownloadCancelled(reason, stage=entry.stage, retry=retry)
-        guard = self._guard
-        guard.inc(ad_stats.DEADLINE_CANCELS)
-        logger.debug("cancelling %s (%s): %s", describe(request), entry.stage, entry.cancel_exc)
-        guard.crawler.signals.send_catch_log(ad_signals.download_cancelled, request=request,
-                                             reason=str(entry.cancel_exc))
-        if entry.waker is not None and not entry.waker.done():
-            entry.waker.set_result(None)  # the handler wakes and raises cancel_exc
-        elif entry.stage == "queued" and guard.remove_from_slot_queue(entry):
-            self.finish(request)
-        # else: still in a middleware after ours; the handler raises cancel_exc on arrival
-        return True
+__all__ = ["DEADLINE_KEY", "NO_PROXY_KEY", "DownloadGuard", "InFlightDownload",
+           "InFlightTracker", "guard_for", "inflight_for", "latency_for"]
 
 
 class DownloadGuard:
@@ -139,20 +62,10 @@ class DownloadGuard:
         settings = crawler.settings
         ad_settings.validate_all(settings)
         d = ad_settings.load(settings, "deadline")
-        p = ad_settings.load(settings, "proxy")
         self.deadline_enabled: bool = d.enabled
-        self.policy = TimeoutPolicy(d.multiplier, d.buffer, d.min, d.max, d.initial,
-                                    d.min_samples)
-        # Transfer time of successful responses only, per downloader slot (and per proxy):
-        # waits for a lease or in the slot queue never enter it, so contention cannot
-        # inflate p99 and the deadline cannot feed on its own waits.
-        self.latency = LatencyTracker(d.window)
-        self.proxy_latency = LatencyTracker(d.window)
+        self.policy_state = DeadlinePolicy(d)
         self.retry_priority_adjust: int = d.retry_priority_adjust
-        self.retry_backoff: float = d.retry_backoff
         self.lend: bool = d.lend
-        self.lend_after: float = d.lend_after
-        self.lend_min: float = d.lend_min
         self.tick_interval: float = d.tick
         self.cancel_grace: float = d.cancel_grace
         self.base_concurrency = settings.getint("CONCURRENT_REQUESTS")
@@ -161,49 +74,57 @@ class DownloadGuard:
         self.lent_max = 0
         self.inflight = InFlightTracker(self)
         self.stats = crawler.stats
-        self._timeouts: dict[str, tuple[float, float, float]] = {}
+        self._counts: dict[str, int] = {}  # per-request counters, flushed each tick
         self._ticker: asyncio.TimerHandle | None = None
         self._closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
-
-        self.pool: LeasePool | None = None
-        self.endpoints: dict[str, ProxyEndpoint] = {}
-        self.lease_timeout: float = p.lease_timeout
-        self.lease_grace: float = p.lease_grace
-        self.lease_retries: int = p.lease_retries
-        self.failure_codes = frozenset(p.failure_codes)
-        if p.enabled and p.list:
-            self.endpoints, caps = parse_proxies(p.list, p.capacity)
-            self.pool = LeasePool("proxy", caps, kind="proxy", cooldown_base=p.cooldown_base,
-                                  cooldown_max=p.cooldown_max, backend=_fleet_backend(crawler))
-            context_for(crawler).registry.register(self.pool)
-
+        self.leasing = ProxyLeasing(self, ad_settings.load(settings, "proxy"))
+        if self.leasing.pool is not None:
+            context_for(crawler).registry.register(self.leasing.pool)
         crawler.signals.connect(self.spider_opened, signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signals.spider_closed)
+
+    # ------------------------------------------------------------------ parts, by old names
+    @property
+    def policy(self) -> TimeoutPolicy:
+        return self.policy_state.policy
+
+    @property
+    def latency(self) -> LatencyTracker:
+        return self.policy_state.latency
+
+    @property
+    def proxy_latency(self) -> LatencyTracker:
+        return self.policy_state.proxy_latency
+
+    @property
+    def pool(self) -> Any:
+        return self.leasing.pool
+
+    @property
+    def endpoints(self) -> dict[str, Any]:
+        return self.leasing.endpoints
+
+    @property
+    def lease_retries(self) -> int:
+        return self.leasing.lease_retries
+
+    def timeouts_for(self, key: str) -> tuple[float, float]:
+        return self.policy_state.timeouts_for(key)
 
     # ------------------------------------------------------------------ helpers
     def inc(self, name: str, count: int = 1) -> None:
         if self.stats is not None:
             self.stats.inc_value(name, count)
 
-    @property
-    def _downloader(self) -> Any:
-        return getattr(_engine(self.crawler), "downloader", None)
+    def count(self, name: str) -> None:
+        """A per-request counter: kept here and added to the stats at the next tick."""
+        self._counts[name] = self._counts.get(name, 0) + 1
 
-    def timeouts_for(self, slot: str) -> tuple[float, float]:
-        """(adaptive deadline T without its ceiling, overdue threshold for lending) of
-        ``slot``, cached briefly."""
-        now = time.monotonic()
-        cached = self._timeouts.get(slot)
-        if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
-        timeout = self.policy.timeout(self.latency, slot, ceiling=float("inf"))
-        lend_after = float("inf")  # no p99 yet: nothing is "clearly overdue"
-        if self.latency.samples(slot) >= self.policy.min_samples:
-            p99 = self.latency.quantile(slot, 0.99) or 0.0
-            lend_after = max(self.lend_min, p99 * self.lend_after)
-        self._timeouts[slot] = (now + _TIMEOUT_CACHE_TTL, timeout, lend_after)
-        return timeout, lend_after
+    def _flush_counts(self) -> None:
+        counts, self._counts = self._counts, {}
+        for name, n in counts.items():
+            self.inc(name, n)
 
     # ------------------------------------------------------------------ the middleware's part
     def begin(self, request: Request, user_timeout: float | None,
@@ -215,53 +136,31 @@ class DownloadGuard:
         gives the transfer that whole ceiling (the user's last allowed attempt).
         """
         now = time.monotonic()
-        downloader = self._downloader
+        downloader = compat.downloader_of(self.crawler)
         slot = downloader.get_slot_key(request) if downloader is not None else ""
+        meta = request.meta
         # Browser renders and plain HTTP transfers of one site differ by orders of
         # magnitude: they get separate latency histories.
-        key = f"{slot} [playwright]" if request.meta.get("playwright") else slot
+        key = f"{slot} [playwright]" if meta.get("playwright") else slot
         timeout: float | None = None
         if user_timeout:
-            self.inc(ad_stats.DEADLINE_USER)
+            self.count(ad_stats.DEADLINE_USER)
         if self.deadline_enabled:
-            ceiling = user_timeout or self.policy.maximum
-            if full and user_timeout:
-                timeout = user_timeout
-            else:
-                timeout = self.timeouts_for(key)[0]
-                if user_timeout and self.latency.samples(key) < self.policy.min_samples:
-                    timeout = user_timeout  # not warm yet: the user's value, not INITIAL
-                timeout = min(timeout, ceiling)
-                retries = request.meta.get(RETRY_COUNT_KEY, 0)
-                if retries:
-                    timeout = min(timeout * self.retry_backoff ** retries, ceiling)
-            timeout += self._queue_allowance(downloader, slot, key, timeout)
+            policy = self.policy_state
+            timeout = policy.transfer_timeout(key, meta.get(RETRY_COUNT_KEY, 0), user_timeout,
+                                              full)
+            timeout += policy.queue_allowance(compat.slot_of(downloader, slot), key, timeout)
         elif user_timeout:
             timeout = user_timeout
         deadline = None if timeout is None else now + timeout
         entry = InFlightDownload(request, request_id(request), now, deadline, "queued", slot,
                                  timeout, key)
         if deadline is not None:
-            request.meta[DEADLINE_KEY] = deadline
-            request.meta["download_timeout"] = timeout
-            self.inc(ad_stats.DEADLINE_SET)
+            meta[DEADLINE_KEY] = deadline
+            meta["download_timeout"] = timeout
+            self.count(ad_stats.DEADLINE_SET)
         self.inflight.add(entry)
         return entry
-
-    def _queue_allowance(self, downloader: Any, slot_key: str, key: str,
-                         transfer: float) -> float:
-        """Time the slot queue ahead of a new request will predictably take.
-
-        With DOWNLOAD_DELAY a slot starts one request per delay; without, a queue of n
-        drains in about n / concurrency transfer times. Capped at DEADLINE_MAX.
-        """
-        slot = downloader.slots.get(slot_key) if downloader is not None else None
-        if slot is None or not slot.queue:
-            return 0.0
-        ahead = len(slot.queue)
-        p50 = self.latency.quantile(key, 0.5) or transfer
-        wait = ahead * slot.delay + ahead / max(1, slot.concurrency) * p50
-        return min(wait, self.policy.maximum)
 
     def exceeded(self, entry: InFlightDownload, stage: str,
                  reason: str = "deadline exceeded") -> DeadlineExceeded:
@@ -275,36 +174,21 @@ class DownloadGuard:
 
     def remove_from_slot_queue(self, entry: InFlightDownload) -> bool:
         """Fail a request still waiting in its downloader slot queue (safe: docs/internals.md)."""
-        downloader = self._downloader
-        if downloader is None:
-            return False
         request = entry.request
-        slot = downloader.slots.get(request.meta.get("download_slot", entry.slot))
-        if slot is None:
-            return False
-        for pair in slot.queue:
-            if pair[0] is request:
-                slot.queue.remove(pair)
-                pair[1].errback(Failure(entry.cancel_exc))
-                return True
-        return False
+        return compat.remove_queued(compat.downloader_of(self.crawler),
+                                    request.meta.get("download_slot", entry.slot), request,
+                                    entry.cancel_exc)
+
+    def wants_proxy(self, request: Request) -> bool:
+        return self.leasing.wants_proxy(request)
 
     # ------------------------------------------------------------------ the handler's part
-    def wants_proxy(self, request: Request) -> bool:
-        meta = request.meta
-        if self.pool is None:
-            return False
-        if meta.get(NO_PROXY_KEY) or ("proxy" in meta and PROXY_MARK_KEY not in meta):
-            self.inc(ad_stats.PROXY_SKIPPED)
-            return False
-        return request.url.startswith(("http://", "https://"))
-
     async def download(self, request: Request, handler: Any) -> Response:
         """Run ``handler.download_request(request)`` under the request's deadline and lease."""
         entry = self.inflight.get(request)
         if entry is None:  # the middleware is not installed: the deadline starts here
             entry = self.begin(request, None)
-        loop = asyncio.get_running_loop()
+        leasing = self.leasing
         lease: Lease | None = None
         outcome = "exception"
         try:
@@ -312,10 +196,10 @@ class DownloadGuard:
                 raise entry.cancel_exc
             if entry.deadline is not None and time.monotonic() >= entry.deadline:
                 raise self.exceeded(entry, "queued")
-            if self.wants_proxy(request):
+            if leasing.pool is not None and leasing.wants_proxy(request):
                 entry.stage = "lease_wait"
-                lease = await self._acquire(entry, loop)
-                self._apply_proxy(request, self.endpoints[lease.member])
+                lease = await leasing.acquire(entry, asyncio.get_running_loop())
+                leasing.apply(request, lease.member)
                 if entry.cancel_exc is not None:
                     raise entry.cancel_exc
             entry.stage = "transfer"
@@ -323,15 +207,14 @@ class DownloadGuard:
             if entry.deadline is not None:
                 request.meta["download_timeout"] = (max(0.001, entry.deadline - start)
                                                     + _INNER_TIMEOUT_MARGIN)
-            response = await self._transfer(entry, handler, request, loop)
-            end = time.monotonic()
-            if lease is not None and response.status in self.failure_codes:
-                self._proxy_failed(lease.member)
+            response = await self._transfer(entry, handler, request)
+            seconds = time.monotonic() - start
+            if lease is not None and response.status in leasing.failure_codes:
+                leasing.failed(lease.member)
             else:
-                self.latency.record(entry.key, end - start)
+                self.latency.record(entry.key, seconds)
                 if lease is not None:
-                    self.proxy_latency.record(lease.member, end - start)
-                    self.pool.mark_success(lease.member)  # type: ignore[union-attr]
+                    leasing.succeeded(lease.member, seconds)
             outcome = "response"
             return response
         except asyncio.CancelledError:
@@ -340,7 +223,7 @@ class DownloadGuard:
         except Exception as exc:
             if lease is not None and (not isinstance(exc, DownloadCancelled)
                                       or isinstance(exc, DeadlineExceeded)):
-                self._proxy_failed(lease.member)
+                leasing.failed(lease.member)
             raise
         finally:
             if lease is not None:
@@ -349,98 +232,25 @@ class DownloadGuard:
                 self._unlend(entry)
             self.inflight.finish(request)
 
-    async def _acquire(self, entry: InFlightDownload, loop: asyncio.AbstractEventLoop) -> Lease:
-        pool = self.pool
-        assert pool is not None
-        now = time.monotonic()
-        remaining = None if entry.deadline is None else max(0.0, entry.deadline - now)
-        bound = self.lease_timeout if remaining is None else min(self.lease_timeout, remaining)
-        life = self.policy.maximum if remaining is None else remaining
-        ttl = life + self.lease_grace
-
-        def on_expire(_lease: Lease, entry: InFlightDownload = entry) -> None:
-            self.inflight.cancel(entry.request, "proxy lease expired", exc=self.exceeded(
-                entry, entry.stage, "proxy lease expired"))
-
-        try:
-            lease = pool.try_acquire(entry.owner, ttl=ttl, on_expire=on_expire)
-        except PoolClosed:
-            raise DownloadCancelled("spider closed", stage="lease_wait") from None
-        if lease is None:
-            acquiring = loop.create_task(pool.acquire(entry.owner, bound, ttl=ttl,
-                                                      on_expire=on_expire))
-            entry.waker = waker = loop.create_future()
-            try:
-                await asyncio.wait({acquiring, waker}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                acquiring.cancel()
-                raise
-            finally:
-                entry.waker = None
-            if not acquiring.done():  # cancelled while waiting
-                acquiring.cancel()
-                await asyncio.wait({acquiring}, timeout=1.0)
-                assert entry.cancel_exc is not None
-                raise entry.cancel_exc
-            try:
-                lease = acquiring.result()
-            except LeaseTimeout as exc:
-                raise ProxyLeaseTimeout(exc.waited, pool.name, entry.owner) from None
-            except PoolClosed:
-                raise DownloadCancelled("spider closed", stage="lease_wait") from None
-            if entry.deadline is not None:  # the TTL counts from the grant, not the call
-                pool.extend(lease, max(0.0, entry.deadline - time.monotonic())
-                            + self.lease_grace)
-        entry.lease = lease
-        return lease
-
-    @staticmethod
-    def _apply_proxy(request: Request, endpoint: ProxyEndpoint) -> None:
-        meta = request.meta
-        meta["proxy"] = endpoint.url
-        meta[PROXY_MARK_KEY] = endpoint.name
-        if endpoint.auth is not None:
-            request.headers[b"Proxy-Authorization"] = endpoint.auth
-            meta["_auth_proxy"] = endpoint.url
-        else:
-            request.headers.pop(b"Proxy-Authorization", None)
-            meta.pop("_auth_proxy", None)
-
-    def _proxy_failed(self, member: str) -> None:
-        assert self.pool is not None
-        self.inc(ad_stats.PROXY_FAILURES)
-        self.pool.mark_failure(member)
-
-    async def _transfer(self, entry: InFlightDownload, handler: Any, request: Request,
-                        loop: asyncio.AbstractEventLoop) -> Response:
+    async def _transfer(self, entry: InFlightDownload, handler: Any,
+                        request: Request) -> Response:
+        """The download in a task of its own; a cancel (or the deadline check) wakes us."""
+        loop = asyncio.get_running_loop()
         task = loop.create_task(handler.download_request(request))
         entry.waker = waker = loop.create_future()
-
-        def wake(_: Any = None) -> None:
-            if not waker.done():
-                waker.set_result(None)
-
-        task.add_done_callback(wake)
-        timer = None
-        if entry.deadline is not None:
-            timer = loop.call_at(loop.time() + max(0.0, entry.deadline - time.monotonic()),
-                                 wake)
+        task.add_done_callback(lambda _: waker.done() or waker.set_result(None))
         try:
-            await waker  # the download finished, the deadline passed, or cancel() woke us
+            await waker  # the download finished, or cancel() woke us
         except asyncio.CancelledError:
             task.cancel()
             task.add_done_callback(_retrieve)
             raise
         finally:
             entry.waker = None
-            if timer is not None:
-                timer.cancel()
-            task.remove_done_callback(wake)
         if task.done():
             return task.result()
         exc = entry.cancel_exc
-        if exc is None:
-            exc = entry.cancel_exc = self.exceeded(entry, "transfer")
+        assert exc is not None
         task.cancel()  # our own task: Scrapy's download task just sees exc below
         await asyncio.wait({task}, timeout=self.cancel_grace)
         task.add_done_callback(_retrieve)
@@ -449,29 +259,29 @@ class DownloadGuard:
                            describe(request), self.cancel_grace)
         raise exc
 
+    def _expire(self, entry: InFlightDownload) -> None:
+        """The transfer's deadline passed: wake its handler, which raises DeadlineExceeded."""
+        waker = entry.waker
+        if waker is not None and not waker.done():
+            entry.cancel_exc = self.exceeded(entry, "transfer")
+            waker.set_result(None)
+
     # ------------------------------------------------------------------ lending
     def _lend(self, entry: InFlightDownload) -> None:
         """An overdue transfer stops counting against CONCURRENT_REQUESTS (bounded)."""
-        downloader = self._downloader
+        downloader = compat.downloader_of(self.crawler)
         if downloader is None or self.lent >= self.lend_cap:
             return
-        slot = downloader.slots.get(entry.request.meta.get("download_slot", entry.slot))
-        compat.lend_concurrency(downloader, 1)
-        if slot is not None:
-            slot.concurrency += 1
+        slot = compat.slot_of(downloader, entry.request.meta.get("download_slot", entry.slot))
+        compat.lend(self.crawler, slot, 1)
         entry.lent = slot if slot is not None else True
         self.lent += 1
         self.lent_max = max(self.lent_max, self.lent)
         self.inc(ad_stats.DEADLINE_LENT)
-        _kick(self.crawler, slot)
 
     def _unlend(self, entry: InFlightDownload) -> None:
         slot, entry.lent = entry.lent, None
-        downloader = self._downloader
-        if downloader is not None:
-            compat.lend_concurrency(downloader, -1)
-        if slot is not True:
-            slot.concurrency -= 1
+        compat.lend(self.crawler, None if slot is True else slot, -1)
         self.lent -= 1
 
     # ------------------------------------------------------------------ periodic check
@@ -485,23 +295,33 @@ class DownloadGuard:
             self._ticker = loop.call_later(self.tick_interval, self._tick)
 
     def _check(self, now: float) -> None:
-        active = getattr(self._downloader, "active", None)
+        """Cut what is past its deadline, lend what is overdue, forget what left."""
+        if self._counts:
+            self._flush_counts()
+        downloader = None
         for entry in self.inflight.items():
             if entry.cancel_exc is not None:
                 continue
-            if entry.stage == "queued":
-                if entry.deadline is not None and now >= entry.deadline:
+            stage = entry.stage
+            if entry.deadline is not None and now >= entry.deadline and stage != "lease_wait":
+                if stage == "transfer":
+                    self._expire(entry)
+                else:
                     self.inflight.cancel(entry.request, "deadline",
-                                         exc=self.exceeded(entry, "queued"))
-                elif active is not None and entry.request not in active \
-                        and now - entry.started > 1.0:
-                    self.inflight.finish(entry.request)  # left the downloader another way
-            elif (entry.stage == "transfer" and self.lend and entry.lent is None
+                                         exc=self.exceeded(entry, stage))
+            elif stage == "queued":
+                if now - entry.started > 1.0:
+                    if downloader is None:
+                        downloader = compat.downloader_of(self.crawler)
+                    if compat.in_downloader(downloader, entry.request) is False:
+                        self.inflight.finish(entry.request)  # left the downloader another way
+            elif (stage == "transfer" and self.lend and entry.lent is None
                   and entry.transfer_started is not None
                   and now - entry.transfer_started > self.timeouts_for(entry.key)[1]):
                 self._lend(entry)
-        if self.pool is not None:
-            self.pool.sweep(now)
+        pool = self.leasing.pool
+        if pool is not None:
+            pool.sweep(now)
 
     # ------------------------------------------------------------------ signals
     def spider_opened(self, spider: Any = None) -> None:
@@ -517,62 +337,12 @@ class DownloadGuard:
             self._ticker.cancel()
         for entry in self.inflight.items():
             self.inflight.cancel(entry.request, "spider closed")
+        self._flush_counts()
         stats = self.stats
-        for slot in self.latency.keys():
-            p99 = self.latency.quantile(slot, 0.99)
-            name = _stat_key(str(slot))
-            if p99 is not None and stats is not None:
-                stats.set_value(ad_stats.family(ad_stats.DEADLINE_P99, slot=name), round(p99, 4))
-                stats.set_value(ad_stats.family(ad_stats.DEADLINE_TIMEOUT, slot=name),
-                                round(self.policy.timeout(self.latency, slot), 4))
+        self.policy_state.write_stats(stats)
         if stats is not None:
             stats.set_value(ad_stats.DEADLINE_LENT_MAX, self.lent_max)
-        pool = self.pool
-        if pool is None:
-            return
-        held = pool.holders()
-        for lease in held:
-            lease.release("spider_closed")
-        pool.close()
-        if stats is not None:
-            c = pool.counters
-            for name, value in ((ad_stats.PROXY_ACQUIRED, c.acquired),
-                                (ad_stats.PROXY_RELEASED, c.released),
-                                (ad_stats.PROXY_EXPIRED, c.expired),
-                                (ad_stats.PROXY_WAIT_TIMEOUTS, c.wait_timeouts),
-                                (ad_stats.PROXY_DOUBLE_RELEASES, c.double_releases),
-                                (ad_stats.PROXY_COOLDOWNS, c.cooldowns),
-                                (ad_stats.PROXY_MAX_WAIT, round(c.max_wait, 4)),
-                                (ad_stats.PROXY_HELD_AT_CLOSE, len(held))):
-                stats.set_value(name, value)
-
-
-def _fleet_backend(crawler: Crawler) -> Any:
-    """The fleet's Redis lease backend when ANTIDEADLOCK_FLEET_REDIS_URL is set, else None."""
-    if not ad_settings.get(crawler.settings, "ANTIDEADLOCK_FLEET_REDIS_URL"):
-        return None
-    from ..fleet.leases import backend_for
-
-    return backend_for(crawler, "proxy")
-
-
-def _stat_key(slot: str) -> str:
-    return slot.replace("/", "_") or "-"
-
-
-def _kick(crawler: Crawler, slot: Any) -> None:
-    """Let the engine and the slot use a lent unit now, not at the next heartbeat (5 s)."""
-    engine = _engine(crawler)
-    compat.wake_engine(engine)
-    compat.process_download_slot(engine, slot)
-
-
-def _engine(crawler: Crawler) -> Any:
-    """The engine, or None before the crawl started (Scrapy 2.19 raises then)."""
-    try:
-        return crawler.engine
-    except (AttributeError, RuntimeError):
-        return None
+        self.leasing.close(stats)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -1,6 +1,6 @@
 """Primitives that know nothing of Scrapy, so they test in milliseconds."""
 
-from .deadline import LatencyHistogram, LatencyTracker, TimeoutPolicy
+from .deadline import PRIOR, LatencyHistogram, LatencyTracker, TimeoutPolicy
 from .lease import (
     BackendUnavailable,
     Lease,
@@ -14,7 +14,7 @@ from .lease import (
 from .registry import HolderInfo, Pool, PoolSnapshot, Registry, WaiterInfo
 
 __all__ = [
-    "BackendUnavailable", "HolderInfo", "LeaseBackend", "LatencyHistogram", "LatencyTracker", "Lease", "LeaseError", "LeasePool",
+    "PRIOR", "BackendUnavailable", "HolderInfo", "LeaseBackend", "LatencyHistogram", "LatencyTracker", "Lease", "LeaseError", "LeasePool",
     "LeaseTimeout", "Pool", "PoolClosed", "PoolSnapshot", "Registry", "TimeoutPolicy",
     "TooManyWaiters", "WaiterInfo",
 ]

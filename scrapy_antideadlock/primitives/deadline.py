@@ -1,6 +1,6 @@
 """Latency tracking with bounded memory and the timeout policy T = p99 x k + buffer.
 
-A log-bucket histogram keeps memory constant per key (~200 ints) whatever the
+A sparse log-bucket histogram keeps memory small per key whatever the
 crawl length. Two generations are kept and rotated every ``window`` samples, so the
 estimate follows the site as it speeds up or slows down while still covering at
 least ``window`` recent samples.
@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 _MIN_LATENCY = 0.001  # 1 ms: bucket 0 holds everything at or below it
 _GROWTH = 1.05  # bucket width: 5 %, so the p99 estimate is within 5 % of the truth
 _BUCKETS = int(math.log(3600 / _MIN_LATENCY) / math.log(_GROWTH)) + 2  # up to 1 h
+_LOG_GROWTH = math.log(_GROWTH)
 
 
 def _bucket(seconds: float) -> int:
     if seconds <= _MIN_LATENCY:
         return 0
-    index = int(math.log(seconds / _MIN_LATENCY) / math.log(_GROWTH)) + 1
+    index = int(math.log(seconds / _MIN_LATENCY) / _LOG_GROWTH) + 1
     return min(index, _BUCKETS - 1)
 
 
@@ -40,17 +41,23 @@ def _upper_bound(index: int) -> float:
 
 
 class LatencyHistogram:
-    """Counts of latencies in 5 % wide log buckets from 1 ms to 1 h."""
+    """Counts of latencies in 5 % wide log buckets from 1 ms to 1 h.
+
+    Sparse (bucket -> count): a slot with a handful of samples costs a few hundred bytes,
+    not one counter per bucket, so a broad crawl over many hosts stays small.
+    """
 
     __slots__ = ("counts", "total", "maximum")
 
     def __init__(self) -> None:
-        self.counts = [0] * _BUCKETS
+        self.counts: dict[int, int] = {}
         self.total = 0
         self.maximum = 0.0
 
     def add(self, seconds: float) -> None:
-        self.counts[_bucket(max(0.0, seconds))] += 1
+        index = _bucket(max(0.0, seconds))
+        counts = self.counts
+        counts[index] = counts.get(index, 0) + 1
         self.total += 1
         if seconds > self.maximum:
             self.maximum = seconds
@@ -60,46 +67,90 @@ class LatencyHistogram:
         total = self.total + (other.total if other else 0)
         if total == 0:
             return None
+        maximum = max(self.maximum, other.maximum if other else 0.0)
+        counts = self.counts
+        if other is not None and other.counts:
+            counts = dict(counts)
+            for index, n in other.counts.items():
+                counts[index] = counts.get(index, 0) + n
         rank = q * total
         seen = 0
-        for index in range(_BUCKETS):
-            seen += self.counts[index] + (other.counts[index] if other else 0)
+        for index in sorted(counts):
+            seen += counts[index]
             if seen >= rank and seen > 0:
-                maximum = max(self.maximum, other.maximum if other else 0.0)
                 return min(_upper_bound(index), maximum) if index else _MIN_LATENCY
-        return max(self.maximum, other.maximum if other else 0.0)
+        return maximum
+
+
+#: Key of the shared prior: every sample of every key, for keys not warm yet.
+PRIOR = "*"
 
 
 class LatencyTracker:
-    """Per-key latency quantiles from the current and the previous generation."""
+    """Per-key latency quantiles from the current and the previous generation.
 
-    def __init__(self, window: int = 2000, recent: int = 20) -> None:
+    At most ``max_keys`` keys are kept, least recently recorded first out, so a broad
+    crawl over many hosts has bounded memory; an evicted or new key is cold again, and
+    the caller may fall back on :data:`PRIOR`, which holds the samples of every key.
+    """
+
+    def __init__(self, window: int = 2000, recent: int = 20, max_keys: int = 1000) -> None:
         if window < 1 or recent < 1:
             raise ValueError("window and recent must be >= 1")
+        if max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
         self.window = window
         self.recent = recent
+        self.max_keys = max_keys
+        self.evicted = 0
         self._current: dict[Hashable, LatencyHistogram] = {}
         self._previous: dict[Hashable, LatencyHistogram] = {}
         # (censored, seconds): the last ``recent`` outcomes, cuts included
         self._recent: dict[Hashable, deque[tuple[bool, float]]] = {}
+        self._order: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
         self._lock = threading.Lock()  # the watchdog thread reads quantiles
 
     def record(self, key: Hashable, seconds: float) -> None:
         """A success that took ``seconds``."""
         with self._lock:
-            hist = self._current.get(key)
-            if hist is None:
-                hist = self._current[key] = LatencyHistogram()
-            hist.add(seconds)
-            if hist.total >= self.window:
-                self._previous[key] = hist
-                self._current[key] = LatencyHistogram()
-            self._outcomes(key).append((False, seconds))
+            self._add(key, seconds)
+            if key != PRIOR:
+                self._add(PRIOR, seconds)
+                self._outcomes(key).append((False, seconds))
 
     def censor(self, key: Hashable, seconds: float) -> None:
         """A deadline hit after ``seconds``: the latency was at least that long."""
         with self._lock:
+            self._touch(key)
             self._outcomes(key).append((True, seconds))
+
+    def _add(self, key: Hashable, seconds: float) -> None:
+        hist = self._current.get(key)
+        if hist is None:
+            hist = self._current[key] = LatencyHistogram()
+        hist.add(seconds)
+        if hist.total >= self.window:
+            self._previous[key] = hist
+            self._current[key] = LatencyHistogram()
+        if key != PRIOR:
+            self._touch(key)
+
+    def _touch(self, key: Hashable) -> None:
+        """Mark ``key`` most recently used; evict the least recent one past ``max_keys``."""
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+        else:
+            order[key] = None
+            if len(order) > self.max_keys:
+                self._evict(order.popitem(last=False)[0])
+
+    def _evict(self, key: Hashable) -> None:
+        """Forget everything about ``key`` (called with the lock held)."""
+        self._current.pop(key, None)
+        self._previous.pop(key, None)
+        self._recent.pop(key, None)
+        self.evicted += 1
 
     def _outcomes(self, key: Hashable) -> deque[tuple[bool, float]]:
         outcomes = self._recent.get(key)
@@ -133,8 +184,12 @@ class LatencyTracker:
             return cur.quantile(q, prev)
 
     def keys(self) -> list[Hashable]:
+        """Every key currently remembered (:data:`PRIOR` not included)."""
         with self._lock:
-            return list(self._current.keys() | self._previous.keys() | self._recent.keys())
+            return list(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 @dataclass(frozen=True)
