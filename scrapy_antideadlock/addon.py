@@ -18,6 +18,12 @@ from scrapy.utils.misc import load_object
 
 from . import compat
 from . import settings as ad_settings
+from .reactor import (
+    ASYNCIO_REACTOR,
+    asyncio_reactor_configured,
+    reactor_name,
+    requirement_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,9 @@ class Component:
     switch: str  # ANTIDEADLOCK_* boolean that turns it on/off
     requires: tuple[str, ...] = ()  # importable modules it needs
     when: Callable[[Any], bool] | None = None  # extra condition on the settings
+    # ANTIDEADLOCK_* settings that, set by the user, mean "I want this component";
+    # () = the component does not need the asyncio reactor.
+    asyncio_for: tuple[str, ...] = ()
 
 
 # Components register themselves here (one line each, kept in priority order per setting).
@@ -41,32 +50,38 @@ COMPONENTS: list[Component] = [
     Component("DOWNLOADER_MIDDLEWARES", "scrapy_antideadlock.downloader.DeadlineMiddleware", 340,
               "ANTIDEADLOCK_ENABLED", (),
               lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_DEADLINE_ENABLED")
-                             or ad_settings.get(s, "ANTIDEADLOCK_PROXY_LIST"))),
+                             or ad_settings.get(s, "ANTIDEADLOCK_PROXY_LIST")),
+              ("ANTIDEADLOCK_DEADLINE_ENABLED", "ANTIDEADLOCK_PROXY_LIST")),
     # ---- pipeline ----
     Component("ITEM_PIPELINES", "scrapy_antideadlock.pipeline.PostgresUpsertPipeline", 800,
               "ANTIDEADLOCK_PG_ENABLED", ("psycopg", "psycopg_pool"),
-              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_PG_DSN"))),
+              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_PG_DSN")),
+              ("ANTIDEADLOCK_PG_DSN",)),
     # ---- watchdog ----
     Component("EXTENSIONS", "scrapy_antideadlock.watchdog.Watchdog", 100,
-              "ANTIDEADLOCK_WATCHDOG_ENABLED"),
+              "ANTIDEADLOCK_WATCHDOG_ENABLED", asyncio_for=("ANTIDEADLOCK_WATCHDOG_ENABLED",)),
     # ---- journal / health / recovery (watchdog part 2) ----
     Component("SPIDER_MIDDLEWARES", "scrapy_antideadlock.origin.ItemOriginMiddleware", 10,
               "ANTIDEADLOCK_ENABLED"),
     Component("EXTENSIONS", "scrapy_antideadlock.journal.RequestJournal", 110,
-              "ANTIDEADLOCK_JOURNAL_ENABLED"),
+              "ANTIDEADLOCK_JOURNAL_ENABLED", asyncio_for=("ANTIDEADLOCK_JOURNAL_ENABLED",)),
     Component("EXTENSIONS", "scrapy_antideadlock.recovery.Recovery", 120,
               "ANTIDEADLOCK_ENABLED",
-              when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off"),
+              when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off",
+              asyncio_for=("ANTIDEADLOCK_RECOVERY_LEVEL",)),
     # Below DeadlineMiddleware (340): process_exception reaches it after the deadline's.
     Component("DOWNLOADER_MIDDLEWARES", "scrapy_antideadlock.recovery.RecoveryMiddleware", 330,
               "ANTIDEADLOCK_ENABLED",
-              when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off"),
+              when=lambda s: ad_settings.get(s, "ANTIDEADLOCK_RECOVERY_LEVEL") != "off",
+              asyncio_for=("ANTIDEADLOCK_RECOVERY_LEVEL",)),
     Component("EXTENSIONS", "scrapy_antideadlock.health.HealthExtension", 130,
-              "ANTIDEADLOCK_ENABLED"),
+              "ANTIDEADLOCK_ENABLED",
+              asyncio_for=("ANTIDEADLOCK_HEALTH_HTTP_PORT", "ANTIDEADLOCK_HEALTH_HEARTBEAT_FILE")),
     # ---- fleet ----
     Component("EXTENSIONS", "scrapy_antideadlock.fleet.worker.FleetExtension", 140,
               "ANTIDEADLOCK_ENABLED", ("redis",),
-              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_FLEET_REDIS_URL"))),
+              lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_FLEET_REDIS_URL")),
+              ("ANTIDEADLOCK_FLEET_REDIS_URL",)),
 ]
 
 def _use_safe_playwright(settings: Any) -> None:
@@ -109,14 +124,38 @@ class Addon:
             logger.info("scrapy-antideadlock add-on disabled by ANTIDEADLOCK_ENABLED")
             return
         compat.check()  # an internal that moved fails here, naming it, not mid-crawl
+        on_asyncio = asyncio_reactor_configured(settings)
+        left_out = []
         for component in COMPONENTS:
             if not _wanted(component, settings):
+                continue
+            if component.asyncio_for and not on_asyncio:
+                _refuse_if_asked(component, settings)
+                left_out.append(component.path.rsplit(".", 1)[1])
                 continue
             # The user's own entry (same class, any priority or None) wins.
             settings.setdefault_in_component_priority_dict(
                 component.setting, load_object(component.path), component.priority)
+        if not on_asyncio:
+            # Without the deadline middleware nothing may wrap the download handlers.
+            logger.warning("scrapy-antideadlock: left out %s, the crawl runs as plain Scrapy "
+                           "would: %s", ", ".join(left_out) or "nothing",
+                           requirement_text("they", settings))
+            return
         for configure in CONFIGURERS:
             configure(settings)
+
+
+def _refuse_if_asked(component: Component, settings: Any) -> None:
+    """Fail at start when the user switched on a component that cannot run here."""
+    for name in component.asyncio_for:
+        if settings.get(name) is None:
+            continue  # our default, not the user's choice
+        value = ad_settings.get(settings, name)
+        if value is not False and value not in ("off", {}, [], None):  # port 0 counts
+            raise ad_settings.SettingError(
+                "TWISTED_REACTOR", f'"{ASYNCIO_REACTOR}"', reactor_name(settings),
+                f"{name} switches on {component.path}, which needs it")
 
 
 def _wanted(component: Component, settings: Any) -> bool:

@@ -39,6 +39,7 @@ from . import settings as ad_settings
 from . import signals as ad_signals
 from . import stats as ad_stats
 from .context import context_for
+from .reactor import require_asyncio_reactor
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,10 @@ class HealthExtension:
         self.notifier = SdNotifier() if conf.sdnotify else SdNotifier("")
         self.ping_every = watchdog_interval() if self.notifier.enabled else None
         if self.heartbeat_path is None and conf.http_port is None and not self.notifier.enabled:
-            raise NotConfigured("no health output configured")
+            # off by default: no message, so Scrapy logs no "Disabled ..." warning
+            logger.debug("HealthExtension off: no health output configured")
+            raise NotConfigured
+        require_asyncio_reactor("HealthExtension", crawler.settings)
         self.http_port: int | None = None  # the bound port (HEALTH_HTTP_PORT may be 0)
         self._monitor: Any = None
         self._own_monitor = False

@@ -27,6 +27,7 @@ from scrapy.exceptions import NotConfigured
 
 from .. import stats as ad_stats
 from ..exceptions import DeadlineExceeded, DownloadCancelled, ProxyLeaseTimeout
+from ..reactor import require_asyncio_reactor
 from .core import (
     DEADLINE_KEY,
     LEASE_RETRY_KEY,
@@ -49,6 +50,7 @@ class DeadlineMiddleware:
     """Deadline (lease wait + slot queue + transfer) for every request; later retries."""
 
     def __init__(self, crawler: Crawler) -> None:
+        require_asyncio_reactor("DeadlineMiddleware", crawler.settings)
         self.crawler = crawler
         self.guard = guard_for(crawler)
         if not self.guard.deadline_enabled and self.guard.pool is None:

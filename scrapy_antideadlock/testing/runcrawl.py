@@ -20,7 +20,7 @@ from typing import Any
 
 from itemadapter import ItemAdapter
 from scrapy import Spider, signals
-from scrapy.crawler import AsyncCrawlerProcess, Crawler
+from scrapy.crawler import AsyncCrawlerProcess, Crawler, CrawlerProcess
 
 #: Settings applied under the caller's (telnet and remote control off).
 RUNNER_DEFAULTS: dict[str, Any] = {
@@ -29,6 +29,8 @@ RUNNER_DEFAULTS: dict[str, Any] = {
     "LOG_LEVEL": "INFO",
     "ROBOTSTXT_OBEY": False,
 }
+
+_ASYNCIO_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
 
 
 def load_spider(spec: str) -> type[Spider]:
@@ -90,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     spider_kwargs = json.loads(args.spider_kwargs)
     spider_cls = load_spider(args.spider)
 
-    process = AsyncCrawlerProcess(settings)
+    reactor = settings.get("TWISTED_REACTOR", _ASYNCIO_REACTOR)
+    # AsyncCrawlerProcess needs the asyncio reactor; any other one runs under CrawlerProcess.
+    process_cls = AsyncCrawlerProcess if reactor == _ASYNCIO_REACTOR else CrawlerProcess
+    process = process_cls(settings)
     crawler = process.create_crawler(spider_cls)
     recorder = ItemRecorder(crawler, args.items)
     process.crawl(crawler, **spider_kwargs)
