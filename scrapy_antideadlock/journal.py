@@ -41,6 +41,7 @@ from .identity import strip_credentials
 from .origin import JOURNAL_KEY, origins_for
 from .primitives.deadletter import DeadLetterStore
 from .primitives.journal import Journal
+from .reactor import require_asyncio_reactor
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class RequestJournal:
         conf = ad_settings.load(crawler.settings, "journal")
         if not conf.enabled or not ad_settings.get(crawler.settings, "ANTIDEADLOCK_ENABLED"):
             raise NotConfigured("ANTIDEADLOCK_JOURNAL_ENABLED is off")
+        require_asyncio_reactor("RequestJournal", crawler.settings)
         self.crawler = crawler
         self.conf = conf
         self.directory = journal_dir(crawler.settings)

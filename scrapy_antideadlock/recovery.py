@@ -50,6 +50,7 @@ from .context import context_for
 from .identity import request_id, strip_credentials
 from .journal import QUARANTINED, journal_for, keep_pending
 from .primitives.deadletter import DeadLetterStore
+from .reactor import require_asyncio_reactor
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Recovery:
         conf = ad_settings.load(crawler.settings, "recovery")
         if conf.level == "off" or not ad_settings.get(crawler.settings, "ANTIDEADLOCK_ENABLED"):
             raise NotConfigured("ANTIDEADLOCK_RECOVERY_LEVEL is off")
+        require_asyncio_reactor("Recovery", crawler.settings)
         self.crawler = crawler
         self.conf = conf
         self.level = LEVELS.index(conf.level)
@@ -469,6 +471,7 @@ class RecoveryMiddleware:
     def from_crawler(cls, crawler: Crawler) -> RecoveryMiddleware:
         if ad_settings.get(crawler.settings, "ANTIDEADLOCK_RECOVERY_LEVEL") == "off":
             raise NotConfigured("ANTIDEADLOCK_RECOVERY_LEVEL is off")
+        require_asyncio_reactor("RecoveryMiddleware", crawler.settings)
         return cls(crawler)
 
     def process_exception(self, request: Request, exception: Exception) -> Request | None:

@@ -22,6 +22,7 @@ from scrapy.utils.misc import build_from_crawler, load_object
 
 from .. import settings as ad_settings
 from ..context import context_for
+from ..reactor import asyncio_reactor_configured
 from .core import guard_for
 
 if TYPE_CHECKING:
@@ -120,7 +121,10 @@ class GuardedDownloadHandler:
 
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
-        self.guard = guard_for(crawler)
+        # Not on asyncio: the deadline middleware refused to start, so pass through
+        # to the wrapped handler rather than fail every download.
+        self.passthrough = not asyncio_reactor_configured(crawler.settings)
+        self.guard = None if self.passthrough else guard_for(crawler)
         self.wrapped = context_for(crawler).setdefault(
             "wrapped_handlers", lambda: _WrappedHandlers(crawler))
 
@@ -130,11 +134,13 @@ class GuardedDownloadHandler:
 
     async def download_request(self, request: Request) -> Response:
         handler = self.wrapped.get(urlparse_cached(request).scheme)
+        if self.guard is None:
+            return await handler.download_request(request)
         return await self.guard.download(request, handler)
 
     def cancel(self, request: Request, reason: str) -> bool:
         """Cancel one in-flight download (see :meth:`InFlightTracker.cancel`)."""
-        return self.guard.inflight.cancel(request, reason)
+        return self.guard is not None and self.guard.inflight.cancel(request, reason)
 
     async def close(self) -> None:
         await self.wrapped.close()

@@ -19,6 +19,7 @@ from scrapy.exceptions import DropItem, NotConfigured
 from .. import settings as ad_settings
 from ..context import context_for
 from ..primitives.deadletter import DeadLetterStore
+from ..reactor import ASYNCIO_REACTOR, asyncio_reactor_configured, reactor_name
 from .config import SpecResolver, TableSpec, item_type_name, parse_tables, redact_dsn
 from .engine import EngineOptions, UpsertEngine
 
@@ -51,6 +52,10 @@ class PostgresUpsertPipeline:
             raise NotConfigured("ANTIDEADLOCK_PG_ENABLED is False")
         if not conf.dsn:
             raise NotConfigured("ANTIDEADLOCK_PG_DSN is not set")
+        if not asyncio_reactor_configured(crawler.settings):  # items would not be stored
+            raise ad_settings.SettingError("TWISTED_REACTOR", f'"{ASYNCIO_REACTOR}"',
+                                           reactor_name(crawler.settings),
+                                           "the PostgreSQL pipeline (ANTIDEADLOCK_PG_DSN) needs it")
         self.crawler = crawler
         self.specs: dict[str, TableSpec] = parse_tables(conf.tables)
         if not self.specs:

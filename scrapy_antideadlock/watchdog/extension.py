@@ -29,6 +29,7 @@ from ..primitives.deadline import LatencyTracker
 from ..primitives.progress import ProgressMeter
 from ..primitives.registry import PoolSnapshot
 from ..primitives.waitgraph import WaitGraph, analyse
+from ..reactor import require_asyncio_reactor
 from . import classes, report
 from .classify import Evidence, Thresholds, classify
 from .diagnosis import Culprit, Diagnosis, StuckUnit
@@ -89,6 +90,7 @@ class Watchdog:
         cfg = ad_settings.load(crawler.settings, "watchdog")
         if not cfg.enabled:
             raise NotConfigured("ANTIDEADLOCK_WATCHDOG_ENABLED is False")
+        require_asyncio_reactor("Watchdog", crawler.settings)
         _check(cfg)
         watchdog = cls(crawler, cfg)
         sig = crawler.signals
