@@ -33,7 +33,7 @@ from ..reactor import require_asyncio_reactor
 from . import classes, report
 from .classify import Evidence, Thresholds, classify
 from .diagnosis import Culprit, Diagnosis, StuckUnit
-from .probe import Probe, latency_tracker
+from .probe import Probe, inflight_tracker, latency_tracker
 from .tasks import suspended_tasks
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
@@ -204,7 +204,18 @@ class Watchdog:
             base = p99 * cfg.window_multiplier + cfg.window_buffer
         window = min(max(base, cfg.window_min), cfg.window_max)
         # A polite crawl (DOWNLOAD_DELAY, AutoThrottle) is slow by design, not stalled.
-        return max(window, 2 * self.probe.slot_delay() + cfg.window_buffer)
+        window = max(window, 2 * self.probe.slot_delay() + cfg.window_buffer)
+        # A download still inside the deadline it was given (up to the user's own
+        # DOWNLOAD_TIMEOUT) is slow, not stuck: its deadline ends it.
+        return max(window, self._longest_deadline() + cfg.window_buffer)
+
+    def _longest_deadline(self) -> float:
+        tracker = inflight_tracker(self.crawler)
+        try:
+            return max((e.timeout for e in tracker.items() if e.timeout), default=0.0) \
+                if tracker is not None else 0.0
+        except Exception:  # noqa: BLE001 - another component's tracker must not break us
+            return 0.0
 
     def _p99(self) -> tuple[float | None, int]:
         tracked = latency_tracker(self.crawler)
