@@ -417,7 +417,8 @@ _define("watchdog", "WATCHDOG_CHURN_MIN", 10, positive_int, "an integer >= 1",
 _define("watchdog", "WATCHDOG_HEALTH_INTERVAL", 60.0, non_negative_float, "seconds >= 0",
         "Log one INFO health line this often (0 disables it).")
 _define("watchdog", "WATCHDOG_DIAGNOSIS_FILE", None, optional_text, "a file path or None",
-        "Write every diagnosis of the run to this file as a JSON list (rewritten atomically).")
+        "Write the run's diagnoses (the last 100) to this file as a JSON list (rewritten "
+        "atomically).")
 _define("watchdog", "WATCHDOG_PROGRESS_STATS", ["item_scraped_count", "item_dropped_count",
         "response_received_count", "antideadlock/pg/rows_upserted"], string_list,
         "a list of stat names (a name also matches NAME/...)",

@@ -90,17 +90,25 @@ PROXY_HELD_AT_CLOSE = _stat("proxy/held_at_close",
 
 # ---- pg ----------------------------------------------------------------------------------
 # (section owned by the PostgreSQL pipeline)
-PG_ROWS_UPSERTED = _stat("pg/rows_upserted", "Rows committed by the PostgreSQL pipeline.")
+PG_ITEMS = _stat("pg/items",
+                 "Items the PostgreSQL pipeline received. Exactly: items = rows_upserted + "
+                 "dedup_drops + dead_lettered + deadletter_errors (once every batch settled).")
+PG_ROWS_UPSERTED = _stat("pg/rows_upserted",
+                         "Items committed as row upserts (a key written in two batches counts "
+                         "twice; one superseded inside a batch counts as a dedup_drop).")
 PG_BATCHES = _stat("pg/batches", "Batches (transactions) committed.")
 PG_DEDUP_DROPS = _stat("pg/dedup_drops",
-                       "Items superseded by a later item with the same key in one batch.")
+                       "Items superseded by a later item with the same key in one batch "
+                       "(stored: the later item's row holds the key).")
 PG_RETRIES = _stat("pg/retries", "Batch attempts retried after a transient failure.")
 PG_RETRIES_BY = _stat("pg/retries/{sqlstate}",
                       "Retries by SQLSTATE or pool_timeout/pool_full/connection/client_timeout.")
 PG_DEADLOCKS = _stat("pg/deadlocks", "Deadlocks (40P01) seen and retried.")
 PG_LOCK_TIMEOUTS = _stat("pg/lock_timeouts", "lock_timeout expiries (55P03) seen and retried.")
 PG_BATCH_SPLITS = _stat("pg/batch_splits", "Failed batches split in halves to isolate bad rows.")
-PG_DEAD_LETTERED = _stat("pg/dead_lettered", "Items written to the dead-letter store.")
+PG_DEAD_LETTERED = _stat("pg/dead_lettered",
+                         "Items written to the dead-letter store instead of the table (with "
+                         "durability commit they are dropped: item_dropped_count).")
 PG_DEAD_LETTERED_BY = _stat("pg/dead_lettered/{reason}", "Dead-lettered items by reason.")
 PG_DEADLETTER_ERRORS = _stat("pg/deadletter_errors",
                              "Items the dead-letter store could not take (logged as errors).")

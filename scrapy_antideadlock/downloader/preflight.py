@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Kinds of registry pools whose units requests take: proxy slots, browser contexts, pages.
+REQUEST_POOL_KINDS = frozenset({"proxy", "context", "page"})
+
 
 def preflight_rows(guard: DownloadGuard) -> list[tuple[str, int, str, int, str]]:
     """(setting, value, pool, capacity, consequence) for every concurrency above a pool."""
@@ -21,7 +24,10 @@ def preflight_rows(guard: DownloadGuard) -> list[tuple[str, int, str, int, str]]
     per_ip = settings.getint("CONCURRENT_REQUESTS_PER_IP")
     rows = []
     for snap in context_for(guard.crawler).registry.snapshot():
-        if snap.capacity <= 0:
+        # Only pools a request takes a unit of can make requests wait. The pipeline's
+        # connections and buffers are taken by items after the download, never held
+        # across crawl I/O: no request ever waits for them.
+        if snap.capacity <= 0 or snap.kind not in REQUEST_POOL_KINDS:
             continue
         checks = [("CONCURRENT_REQUESTS", total)]
         if snap.kind == "proxy":
@@ -29,7 +35,7 @@ def preflight_rows(guard: DownloadGuard) -> list[tuple[str, int, str, int, str]]
                            "CONCURRENT_REQUESTS_PER_DOMAIN", per_ip or per_domain))
         for name, value in checks:
             if value > snap.capacity:
-                rows.append((name, value, f"{snap.kind}:{snap.name}", snap.capacity,
+                rows.append((name, value, snap.name, snap.capacity,
                              f"up to {value - snap.capacity} requests wait for a unit"))
     return rows
 

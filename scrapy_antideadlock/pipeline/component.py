@@ -17,6 +17,7 @@ from scrapy.crawler import Crawler
 from scrapy.exceptions import DropItem, NotConfigured
 
 from .. import settings as ad_settings
+from .. import stats as ad_stats
 from ..context import context_for
 from ..primitives.deadletter import DeadLetterStore
 from ..reactor import ASYNCIO_REACTOR, asyncio_reactor_configured, reactor_name
@@ -78,6 +79,7 @@ class PostgresUpsertPipeline:
         self.engine = UpsertEngine(conf.dsn, self.specs, options, deadletter=self.deadletter,
                                    stats=crawler.stats)
         self.registry = context_for(crawler).registry
+        self.stats = crawler.stats
         # Looked up once: process_item runs per item.
         self.origins = origins_for(crawler) if origins_for is not None else None
 
@@ -95,6 +97,7 @@ class PostgresUpsertPipeline:
                     redact_dsn(self.engine.dsn), "commit" if self.wait else "buffered")
 
     async def process_item(self, item: Any) -> Any:
+        self.stats.inc_value(ad_stats.PG_ITEMS)
         # Shallow: the engine snapshots values into the row; nested items go to JSON as dicts.
         fields = item if type(item) is dict else dict(ItemAdapter(item).items())
         spec, owner = self.spec_of(item), owner_of(self.crawler, item, self.origins)
