@@ -136,3 +136,23 @@ def test_connect_tunnel(fault_site: FaultSite, fault_proxy: FaultProxy) -> None:
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and b'data-key="k00007"' in data
     assert fault_proxy.targets == [f"127.0.0.1:{fault_site.port}"]
+
+
+def test_active_counts_transfers_until_done_or_abandoned(fault_site: FaultSite,
+                                                         fault_proxy: FaultProxy) -> None:
+    from scrapy_antideadlock.testing import Fault
+
+    fault_site.add_fault("/item/k00001", Fault.hang())
+    _via(fault_proxy.url, fault_site.url("/item/k00002"))
+    assert fault_proxy.active == 0 and fault_proxy.max_active == 1  # ends at its last byte
+    client = socket.create_connection((fault_proxy.host, fault_proxy.port))
+    client.sendall(f"GET {fault_site.url('/item/k00001')} HTTP/1.1\r\n"
+                   f"Host: {fault_proxy.host}\r\n\r\n".encode())
+    deadline = time.monotonic() + 5
+    while fault_proxy.active != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.close()  # the client gives up on the hung upstream: the transfer is over
+    while fault_proxy.active != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

@@ -232,11 +232,36 @@ class FaultProxy(ThreadedServer):
         if length:
             up_writer.write(await reader.readexactly(length))
         await up_writer.drain()
-        # Response head: rewrite hop-by-hop headers so the client does not reuse the connection.
+        # The client sends nothing more: EOF from it means it gave up (cancelled), and then
+        # the transfer is over here too, as for a real proxy that sees the FIN.
+        relay = asyncio.ensure_future(self._relay(up_reader, writer))
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            while not relay.done():
+                await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done() and not relay.done():
+                    if not gone.cancelled() and gone.exception() is None and gone.result():
+                        gone = asyncio.ensure_future(reader.read(1))  # stray bytes: ignore
+                        continue
+                    relay.cancel()
+                    break
+        finally:
+            gone.cancel()
+            if not relay.done():
+                relay.cancel()
+            await asyncio.gather(relay, gone, return_exceptions=True)
+        if not relay.cancelled() and relay.exception() is not None:
+            raise relay.exception()  # type: ignore[misc]
+        return up_writer
+
+    async def _relay(self, up_reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        """Response head (hop-by-hop headers rewritten so the client does not reuse the
+        connection), then the body."""
         status_line = await up_reader.readline()
         if not status_line:
             await self._reply(writer, 502, "Bad Gateway")
-            return up_writer
+            return
         out = [status_line.decode("latin-1").rstrip("\r\n")]
         remaining: int | None = None
         while True:
@@ -262,7 +287,6 @@ class FaultProxy(ThreadedServer):
             writer.write(chunk)
             await writer.drain()
         await writer.drain()
-        return up_writer
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       target: str) -> asyncio.StreamWriter | None:

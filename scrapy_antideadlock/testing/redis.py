@@ -48,13 +48,15 @@ def _answers(host: str, port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """A private ``redis-server`` the test may stop, kill and restart (same port, same data)."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, port: int | None = None, binary: str | None = None,
+                 persistent: bool = True) -> None:
         self.binary = binary or find_redis_server()
         if self.binary is None:
             raise RuntimeError("redis-server not found (apt-get install redis-server, or set "
                                "ANTIDEADLOCK_TEST_REDIS_SERVER)")
         self.port = port or _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="antideadlock-redis-"))
+        self.persistent = persistent  # append-only file, fsync per write: survives restart
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,9 +64,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else \
+            ["--appendonly", "no"]
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-               str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-               "--protected-mode", "no", "--logfile", str(self.dir / "redis.log")]
+               str(self.dir), *aof, "--save", "", "--protected-mode", "no",
+               "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not _answers("127.0.0.1", self.port):
