@@ -205,6 +205,8 @@ WATCHDOG_HARD_EXITS = _stat("watchdog/hard_exits/{reason}",
 
 # ---- fleet -------------------------------------------------------------------------------
 # (section owned by the fleet package)
+FLEET_REDIS_CALLS = _stat("fleet/redis_calls",
+                          "Redis round trips made by the pack (leases, queue, heartbeat).")
 FLEET_REDIS_ERRORS = _stat("fleet/redis_errors", "Redis calls of the pack that failed.")
 FLEET_DEGRADED = _stat("fleet/degraded",
                        "Times Redis became unreachable and the worker went local (leases, queue "

@@ -65,7 +65,6 @@ class FleetLink:
         self.require = require
         self.stats = stats
         self.worker = worker or default_worker_id()
-        self.calls = 0  # round trips attempted (benchmark: per request)
         self._down_until = 0.0
         self._down_since: float | None = None
         self._lock = threading.Lock()
@@ -98,7 +97,7 @@ class FleetLink:
         if self._down_since is not None and time.monotonic() < self._down_until \
                 and not self.require:
             raise BackendUnavailable(f"{self} unreachable (retrying soon)")
-        self.calls += 1
+        self._inc(ad_stats.FLEET_REDIS_CALLS)
         try:
             result = fn(*args, **kwargs)
         except REDIS_DOWN as exc:
