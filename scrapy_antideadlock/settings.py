@@ -420,9 +420,11 @@ _define("watchdog", "WATCHDOG_DIAGNOSIS_FILE", None, optional_text, "a file path
         "Write the run's diagnoses (the last 100) to this file as a JSON list (rewritten "
         "atomically).")
 _define("watchdog", "WATCHDOG_PROGRESS_STATS", ["item_scraped_count", "item_dropped_count",
-        "response_received_count", "antideadlock/pg/rows_upserted"], string_list,
+        "antideadlock/pg/rows_upserted", "antideadlock/watchdog/new_requests"], string_list,
         "a list of stat names (a name also matches NAME/...)",
-        "Counters whose growth is progress.")
+        "Counters whose growth is progress: items and new distinct requests. Responses alone "
+        "are not (a callback that re-requests itself with dont_filter is a livelock); a spider "
+        "that legitimately yields no items for long may add 'response_received_count'.")
 _define("watchdog", "WATCHDOG_CHURN_STATS", ["downloader/request_count", "retry/count",
         "downloader/exception_count", "antideadlock/pg/retries"], string_list,
         "a list of stat names (a name also matches NAME/...)",

@@ -165,6 +165,10 @@ WATCHDOG_LOOP_LAG_P99 = _stat("watchdog/loop_lag_p99",
 WATCHDOG_BLOCKED_MAX = _stat("watchdog/blocked_seconds_max",
                              "Longest blocked-loop episode (seconds without a heartbeat).")
 WATCHDOG_WINDOW = _stat("watchdog/window", "Stall window in use at close (seconds).")
+WATCHDOG_NEW_REQUESTS = _stat(
+    "watchdog/new_requests",
+    "Requests scheduled that went through the duplicate filter (new fingerprints); progress "
+    "for the watchdog by default, unlike dont_filter re-requests.")
 
 # ---- journal / health ----------------------------------------------------------------------
 # (section owned by the journal and liveness outputs)

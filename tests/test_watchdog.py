@@ -16,7 +16,7 @@ from scrapy import signals
 from scrapy_antideadlock import signals as ad_signals
 from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.testing import FaultSite, Latency, SiteSpider, run_crawl
-from scrapy_antideadlock.watchdog import watchdog_for
+from scrapy_antideadlock.watchdog import Diagnosis, render, watchdog_for
 
 WATCHDOG = {"scrapy_antideadlock.watchdog.Watchdog": 100}
 
@@ -316,7 +316,7 @@ async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any) -
 
 
 class WaitsForeverPipeline:
-    """Awaits an event nobody sets and no pool tracks: the watchdog must not invent a cause."""
+    """Awaits an event nobody sets: every pending item sleeps on it, nothing is on the network."""
 
     def __init__(self) -> None:
         self.never = asyncio.Event()
@@ -327,15 +327,15 @@ class WaitsForeverPipeline:
 
 
 @pytest_twisted.ensureDeferred
-async def test_uninstrumented_wait_is_unknown_not_a_guess(make_fault_site: Any,
-                                                          tmp_path: Any) -> None:
+async def test_event_never_set_is_a_deadlock_naming_the_event_and_the_line(
+        make_fault_site: Any, tmp_path: Any) -> None:
     site = make_fault_site(pages=1, items_per_page=2)
-    found: list[dict[str, Any]] = []
+    found: list[Any] = []
 
     class Spider(SiteSpider):
         @classmethod
         def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
-            def on_stall(diagnosis: dict[str, Any], **kw: Any) -> None:
+            def on_stall(diagnosis: Any, **kw: Any) -> None:
                 found.append(diagnosis)
                 for pipe in crawler.engine.scraper.itemproc.middlewares:
                     if isinstance(pipe, WaitsForeverPipeline):
@@ -347,17 +347,18 @@ async def test_uninstrumented_wait_is_unknown_not_a_guess(make_fault_site: Any,
     settings = wd_settings(tmp_path, ITEM_PIPELINES={WaitsForeverPipeline: 300})
     result = await run_crawl(Spider, settings, timeout=30, start_url=site.start_url)
     assert result.finished and len(result.items) == 2
-    assert [d["class"] for d in found] == ["unknown"], [d["evidence"] for d in found]
-    assert found[0]["pending"]["scraping"] >= 1
-    # the un-instrumented await is named: the pipeline's line and where it is suspended
-    # (other groups may list tasks an earlier test left suspended on this shared loop)
-    groups = [g for g in found[0]["awaiting"] if "process_item (test_watchdog.py" in g["chain"][0]]
-    assert len(groups) == 1, found[0]["awaiting"]
-    top = groups[0]
-    assert top["count"] == 2
-    assert top["code"] == "await self.never.wait()"
-    assert any("self.never.wait()" in line for line in found[0]["evidence"])
-    assert len(found[0]["in_callbacks"]) == 2
+    assert [d["class"] for d in found] == ["deadlock"], [d["evidence"] for d in found]
+    diag = found[0]
+    assert isinstance(diag, Diagnosis)
+    assert diag.culprit is not None and diag.culprit.function == "process_item"
+    assert diag.culprit.code == "await self.never.wait()"
+    assert diag.culprit.filename == __file__
+    assert any("asyncio.Event" in line and "never set" in line for line in diag.evidence)
+    units = [u for u in diag.units if u.component == "WaitsForeverPipeline.process_item"]
+    assert len(units) == 2 and all(u.stage == "pipeline" for u in units), diag.units
+    assert all(u.wait_kind == "primitive" for u in units)
+    assert diag["pending"]["scraping"] >= 1 and len(diag["in_callbacks"]) == 2
+    assert "culprit: WaitsForeverPipeline.process_item (test_watchdog.py:" in render(diag)
     assert result.stats["antideadlock/watchdog/cleared"] == 1
 
 

@@ -55,11 +55,14 @@ class StuckUnit:
     holds: list[str] = field(default_factory=list)
     culprit: Culprit | None = None
     task: Any = field(default=None, repr=False, compare=False)
+    #: primitive | future | deferred | crawl (in-process); thread | io | library | unknown
+    wait_kind: str = "unknown"
 
     def to_dict(self) -> dict[str, Any]:
         return {"request": describe(self.request) if self.request is not None else None,
                 "stage": self.stage, "component": self.component, "age": round(self.age, 3),
-                "waiting_on": self.waiting_on, "holds": list(self.holds),
+                "waiting_on": self.waiting_on, "wait_kind": self.wait_kind,
+                "holds": list(self.holds),
                 "culprit": self.culprit.to_dict() if self.culprit else None}
 
 

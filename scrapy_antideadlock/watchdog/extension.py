@@ -33,8 +33,10 @@ from ..reactor import require_asyncio_reactor
 from . import classes, report
 from .classify import Evidence, Thresholds, classify
 from .diagnosis import Culprit, Diagnosis, StuckUnit
-from .probe import Probe, inflight_tracker, latency_tracker
+from .probe import Probe, UnitsReader, inflight_tracker, latency_tracker
 from .tasks import suspended_tasks
+from .threadpools import thread_pools
+from .waits import culprit_of_callable, user_frames_of_stack
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
@@ -84,6 +86,8 @@ class Watchdog:
         self._last_tick = 0.0
         self._stopped = False
         self._older_tasks: weakref.WeakSet = weakref.WeakSet()
+        # (time, callback, dont_filter) of recently scheduled requests: who churns in a livelock
+        self._scheduled: deque[tuple[float, Any, bool]] = deque(maxlen=4096)
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> Watchdog:
@@ -104,6 +108,7 @@ class Watchdog:
         sig.connect(watchdog.probe.left_downloader,
                     signal=scrapy_signals.request_left_downloader)
         sig.connect(watchdog._download_cancelled, signal=ad_signals.download_cancelled)
+        sig.connect(watchdog._request_scheduled, signal=scrapy_signals.request_scheduled)
         context_for(crawler).put("watchdog", watchdog)
         return watchdog
 
@@ -183,6 +188,25 @@ class Watchdog:
         latency = request.meta.get("download_latency")
         if isinstance(latency, (int, float)):
             self.latency.record("all", float(latency))
+
+    def _request_scheduled(self, request: Any, **kwargs: Any) -> None:
+        if not request.dont_filter:  # it passed the duplicate filter: a new fingerprint
+            self.stats.inc_value(ad_stats.WATCHDOG_NEW_REQUESTS)
+        self._scheduled.append((time.monotonic(), request.callback, request.dont_filter))
+
+    def _requesters(self, window: float, now: float) -> list[tuple[Culprit, int, int]]:
+        counts: dict[Any, list[int]] = {}
+        for when, callback, repeat in list(self._scheduled):
+            if when >= now - window and callback is not None:
+                entry = counts.setdefault(getattr(callback, "__func__", callback), [0, 0])
+                entry[0] += 1
+                entry[1] += int(repeat)
+        out = []
+        for fn, (count, repeats) in counts.items():
+            culprit = culprit_of_callable(fn)
+            if culprit is not None:
+                out.append((culprit, count, repeats))
+        return out
 
     def _download_cancelled(self, request: Any = None, reason: str = "", **kwargs: Any) -> None:
         self.interventions += 1
@@ -309,8 +333,12 @@ class Watchdog:
         cpu = self.monitor.cpu_fraction(window) if self._monitor_started else None
         try:
             awaiting = suspended_tasks(exclude=self._older_tasks)
+            units, _ = UnitsReader(self.probe, context_for(self.crawler).get("lifecycle")).read(
+                now, since, exclude=self._older_tasks)
+            pools = thread_pools(self._loop)
         except Exception:  # noqa: BLE001 - introspection must not break the diagnosis
-            awaiting = []
+            logger.debug("antideadlock watchdog: task introspection failed", exc_info=True)
+            awaiting, units, pools = [], [], []
         evidence = Evidence(
             window=window, churn=self.meter.churn_in(window, now),
             churn_by_name={name.split(":", 1)[1]: value for name, value
@@ -318,12 +346,16 @@ class Watchdog:
                            if name.startswith("churn:")},
             cpu=cpu, timeouts=self.meter.delta("timeouts", window, now),
             requests_sent=self.meter.delta("churn:downloader/request_count", window, now),
-            graph=graph, inflight=self.inflight(now), awaiting=awaiting)
+            graph=graph, inflight=self.inflight(now), awaiting=awaiting, units=units,
+            transferring=self.probe.transferring(), pools=pools,
+            requesters=self._requesters(window, now))
         verdict = classify(evidence, Thresholds(self.cfg.churn_min, self.cfg.cpu_busy))
         diagnosis = self._diagnosis(
             verdict.stall_class, verdict.evidence, culprit=verdict.culprit, now=now, since=since,
             window=window, snapshots=snapshots, graph=graph, inflight=evidence.inflight,
-            pending=pending, cpu=cpu, churn=evidence.churn, awaiting=awaiting)
+            pending=pending, cpu=cpu, churn=evidence.churn, awaiting=awaiting, units=units,
+            extra={"thread_pools": [p.to_dict() for p in pools],
+                   "transferring": evidence.transferring})
         self._emit(diagnosis, time_to_detect=since, on_loop=True)
 
     def _on_blocked(self, info: dict[str, Any]) -> None:
@@ -336,10 +368,13 @@ class Watchdog:
             snapshots = self.registry.snapshot()
         except Exception:  # noqa: BLE001
             snapshots = []
+        culprit = user_frames_of_stack(info.get("frames") or [])
+        if culprit is not None:
+            evidence.append(f"the project's innermost frame: {culprit}")
         diagnosis = self._diagnosis(
             classes.BLOCKED_LOOP.name, evidence, now=now, since=self.meter.since_progress(now),
             window=self.window(), snapshots=snapshots, graph=None, inflight=self.inflight(now),
-            pending=self.pending(), cpu=None, churn=None, block=info)
+            pending=self.pending(), cpu=None, churn=None, block=info, culprit=culprit)
         self._emit(diagnosis, time_to_detect=info["blocked_for"], on_loop=False)
 
     def _on_unblocked(self, info: dict[str, Any]) -> None:
@@ -403,20 +438,10 @@ class Watchdog:
                    block: dict[str, Any] | None = None,
                    awaiting: list[dict[str, Any]] | None = None,
                    culprit: Culprit | None = None,
-                   units: list[StuckUnit] | None = None) -> Diagnosis:
+                   units: list[StuckUnit] | None = None,
+                   extra: dict[str, Any] | None = None) -> Diagnosis:
         monitor = self.monitor
         lag = monitor.lag_stats() if self._monitor_started else None
-        holders = sorted(
-            ({"pool": s.name, "kind": s.kind, "owner": h.owner, "member": h.member,
-              "age": round(h.age, 3),
-              "expires_in": None if h.expires_in is None else round(h.expires_in, 3)}
-             for s in snapshots for h in s.holders), key=lambda h: -h["age"])[:10]
-        pools = [{"name": s.name, "kind": s.kind, "capacity": s.capacity, "in_use": s.in_use,
-                  "waiters": len(s.waiters),
-                  "oldest_wait": round(max((w.waited for w in s.waiters), default=0.0), 3),
-                  **({"error": s.extra["error"]} if "error" in s.extra else {})}
-                 for s in snapshots]
-        cycle = graph.cycles[0].text if graph is not None and graph.cycles else None
         try:
             spider = getattr(self.crawler, "spider", None)
         except RuntimeError:
@@ -429,12 +454,8 @@ class Watchdog:
             "stack": block.get("stack") if block else None,
             "where": block.get("where") if block else None,
             "frames": block.get("frames") if block else None,
-            "oldest_holders": holders,
-            "pools": pools,
-            "in_flight": {"count": len(inflight), "oldest": [
-                {**e, "age": round(e["age"], 3),
-                 "deadline_in": None if e["deadline_in"] is None else round(e["deadline_in"], 3)}
-                for e in inflight[:10]]},
+            **report.pool_tables(snapshots),
+            "in_flight": report.inflight_table(inflight),
             "pending": pending,
             "in_callbacks": self.probe.in_callbacks(),
             "awaiting": awaiting or [],
@@ -448,7 +469,9 @@ class Watchdog:
                 "cpu": None if cpu is None else round(cpu, 3),
                 "threshold": monitor.threshold},
             "concurrency": self.concurrency,
+            **(extra or {}),
         }
+        cycle = graph.cycles[0].text if graph is not None and graph.cycles else None
         return Diagnosis(stall_class, self.episodes + 1, window, since, evidence,
                          culprit=culprit, units=units or [], cycle=cycle, details=details)
 

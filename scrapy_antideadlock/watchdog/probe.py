@@ -7,6 +7,7 @@ loop's suspended tasks. The classifier turns what it gathers into a class.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -16,10 +17,12 @@ from .. import metakeys
 from ..compat import engine as compat
 from ..identity import META_KEY, describe, strip_credentials
 from ..primitives.registry import PoolSnapshot
+from .diagnosis import Culprit, StuckUnit
+from .waits import TaskWait, describe_primitive, inspect_task
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
-__all__ = ["ITEM_KINDS", "Probe"]
+__all__ = ["ITEM_KINDS", "Probe", "UnitsReader"]
 
 ITEM_KINDS = ("pg", "buffer")  # units of these pools are held by items, not downloads
 
@@ -46,6 +49,15 @@ class Probe:
     def transferring(self) -> int:
         """Requests that reached the download handler and did not leave it yet."""
         return len(self._transfer_started)
+
+    def transferring_requests(self) -> list[Any]:
+        return [r for key, (r, _) in list(self._inflight_seen.items())
+                if key in self._transfer_started]
+
+    def age_of(self, request: Any, now: float, default: float) -> float:
+        """Seconds since the request was first seen in the downloader (else ``default``)."""
+        seen = self._inflight_seen.get(id(request)) if request is not None else None
+        return now - seen[1] if seen is not None else default
 
     # ------------------------------------------------------------------ readings
     def pending(self) -> dict[str, Any]:
@@ -179,3 +191,95 @@ def latency_tracker(crawler: Any) -> Any:
         return part.latency_for(crawler)[0]
     except Exception:  # noqa: BLE001
         return None
+
+
+# ---------------------------------------------------------------------- pending units
+
+_STAGE_BY_METHOD = {"process_request": "middleware:process_request",
+                    "process_response": "middleware:process_response",
+                    "process_exception": "middleware:process_exception",
+                    "process_item": "pipeline", "open_spider": "pipeline",
+                    "process_spider_output": "spider_middleware",
+                    "process_spider_input": "spider_middleware"}
+
+
+def _request_of(frames: list[Any]) -> Any:
+    """The Scrapy request a task works for, from its frames' locals (outermost first)."""
+    from scrapy import Request
+    from scrapy.http import Response
+
+    for frame in frames:
+        local = frame.f_locals
+        for name in ("request", "response"):
+            value = local.get(name)
+            if isinstance(value, Request):
+                return value
+            if isinstance(value, Response):
+                return value.request
+    return None
+
+
+def _stage_of(entry: Culprit | None) -> str:
+    if entry is None:
+        return "unknown"
+    return _STAGE_BY_METHOD.get(entry.function, "callback")
+
+
+class UnitsReader:
+    """Every pending unit of work, with what it waits on (read at detection time only)."""
+
+    def __init__(self, probe: Probe, lifecycle: Any) -> None:
+        self.probe = probe
+        self.lifecycle = lifecycle
+
+    def read(self, now: float, default_age: float,
+             exclude: Any = ()) -> tuple[list[StuckUnit], list[TaskWait]]:  # type: ignore[assignment]
+        engine = self.probe.engine
+        spider = getattr(self.probe.crawler, "spider", None)
+        components = [*compat.downloader_middlewares(engine), *compat.item_pipelines(engine)]
+        if spider is not None:
+            components.append(spider)
+        tracked = {}
+        if self.lifecycle is not None:
+            try:
+                tracked = {u.task: u for u in self.lifecycle.units() if u.task is not None}
+            except Exception:  # noqa: BLE001 - a peer's tracker must not break the probe
+                logger.debug("lifecycle units failed", exc_info=True)
+        try:
+            tasks = [t for t in asyncio.all_tasks(asyncio.get_running_loop())
+                     if not t.done() and t not in exclude]
+        except RuntimeError:
+            tasks = []
+        waits = [w for w in (inspect_task(t, components) for t in tasks) if w is not None]
+        holders: dict[int, list[TaskWait]] = {}
+        for w in waits:
+            for held in w.holds:
+                holders.setdefault(id(held), []).append(w)
+        units: list[StuckUnit] = []
+        covered: set[int] = set()
+        for w in waits:
+            unit = tracked.get(w.task)
+            request = unit.request if unit is not None else _request_of(w.frames)
+            if request is not None:
+                covered.add(id(request))
+            waiting_on = w.wait.what
+            if w.wait.obj is not None and id(w.wait.obj) in holders:
+                names = sorted({h.entry.qualname if h.entry else "?"
+                                for h in holders[id(w.wait.obj)] if h is not w})
+                if names:
+                    waiting_on += (f", held by {len(holders[id(w.wait.obj)])} task(s) in "
+                                   f"{', '.join(names[:3])}")
+            units.append(StuckUnit(
+                request, unit.stage if unit is not None else _stage_of(w.entry),
+                unit.component if unit is not None else (w.entry.qualname if w.entry else "?"),
+                unit.age if unit is not None else self.probe.age_of(request, now, default_age),
+                waiting_on, [describe_primitive(h) for h in w.holds], w.culprit, w.task,
+                wait_kind=w.wait.kind))
+        for request in self.probe.transferring_requests():
+            if id(request) not in covered:
+                covered.add(id(request))
+                units.append(StuckUnit(request, "download", "download handler",
+                                       self.probe.age_of(request, now, default_age),
+                                       "socket (reached the download handler)",
+                                       wait_kind="io"))
+        return units, waits

@@ -14,7 +14,29 @@ from . import classes
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
-__all__ = ["count", "render", "render_health", "write_file"]
+__all__ = ["count", "inflight_table", "pool_tables", "render", "render_health", "write_file"]
+
+
+def pool_tables(snapshots: list[Any]) -> dict[str, Any]:
+    """The registry's pools and their oldest holders, for the diagnosis."""
+    holders = sorted(
+        ({"pool": s.name, "kind": s.kind, "owner": h.owner, "member": h.member,
+          "age": round(h.age, 3),
+          "expires_in": None if h.expires_in is None else round(h.expires_in, 3)}
+         for s in snapshots for h in s.holders), key=lambda h: -h["age"])[:10]
+    pools = [{"name": s.name, "kind": s.kind, "capacity": s.capacity, "in_use": s.in_use,
+              "waiters": len(s.waiters),
+              "oldest_wait": round(max((w.waited for w in s.waiters), default=0.0), 3),
+              **({"error": s.extra["error"]} if "error" in s.extra else {})}
+             for s in snapshots]
+    return {"oldest_holders": holders, "pools": pools}
+
+
+def inflight_table(inflight: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"count": len(inflight), "oldest": [
+        {**e, "age": round(e["age"], 3),
+         "deadline_in": None if e["deadline_in"] is None else round(e["deadline_in"], 3)}
+        for e in inflight[:10]]}
 
 
 def render_health(h: dict[str, Any]) -> str:
