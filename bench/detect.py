@@ -24,101 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scrapy_antideadlock.context import context_for
-
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("deadlock", "livelock", "stalled_io", "blocked_loop")
 FAULT_AT_ITEM = 5
 
 
-# ---------------------------------------------------------------------- the user's naive code
-
-
-class StickyProxyMiddleware:
-    """A user's instrumented proxy slots: detail pages keep their slot until stored."""
-
-    def __init__(self, crawler: Any) -> None:
-        from scrapy_antideadlock.primitives import LeasePool
-
-        self.proxy_url = crawler.settings["BENCH_PROXY_URL"]
-        self.pool = LeasePool("proxy", {self.proxy_url: 2}, kind="proxy")
-        context_for(crawler).registry.register(self.pool)
-        self.sticky: dict[str, Any] = {}
-        crawler.bench_proxy = self
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> StickyProxyMiddleware:
-        return cls(crawler)
-
-    async def process_request(self, request: Any) -> None:
-        from scrapy_antideadlock.identity import request_id
-
-        lease = await self.pool.acquire(request_id(request), timeout=600)
-        request.meta["proxy"] = self.proxy_url
-        request.meta["bench_lease"] = lease
-        if request.meta.get("sticky"):
-            self.sticky[request_id(request)] = lease
-
-    async def process_response(self, request: Any, response: Any) -> Any:
-        if not request.meta.get("sticky"):
-            request.meta["bench_lease"].release()
-        return response
-
-    async def process_exception(self, request: Any, exception: Exception) -> None:
-        lease = request.meta.get("bench_lease")
-        if lease is not None:
-            lease.release()
-
-    def release_session(self, owner: str) -> None:
-        lease = self.sticky.pop(owner, None)
-        if lease is not None:
-            lease.release()
-
-
-class NaivePipeline:
-    """Holds a DB connection across an enrichment download once the fault is on."""
-
-    def __init__(self, crawler: Any) -> None:
-        self.crawler = crawler
-        self.naive = False
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> NaivePipeline:
-        pipeline = cls(crawler)
-        crawler.bench_pipeline = pipeline
-        return pipeline
-
-    async def open_spider(self) -> None:
-        import psycopg
-
-        from scrapy_antideadlock.primitives import LeasePool
-
-        self.conn = await psycopg.AsyncConnection.connect(
-            self.crawler.settings["BENCH_PG_DSN"], autocommit=True)
-        self.db = LeasePool("db", 1, kind="pg")
-        context_for(self.crawler).registry.register(self.db)
-
-    async def close_spider(self) -> None:
-        await self.conn.close()
-
-    async def process_item(self, item: Any) -> Any:
-        import scrapy
-
-        from scrapy_antideadlock.identity import META_KEY
-
-        owner = item.pop("owner")
-        try:
-            lease = await self.db.acquire(owner, timeout=600)
-            try:
-                await self.conn.execute("SELECT 1")
-                if self.naive:
-                    await self.crawler.engine.download_async(scrapy.Request(
-                        item["url"] + "?enrich=1", dont_filter=True, meta={META_KEY: owner}))
-            finally:
-                lease.release()
-        finally:
-            self.crawler.bench_proxy.release_session(owner)
-        return item
+# The user's naive code (sticky proxy sessions + a pipeline holding its connection across a
+# download) is the corpus scenario scrapy_antideadlock.testing.scenarios.pools; it turns
+# naive after FAULT_AT_ITEM items.
 
 
 # ---------------------------------------------------------------------- one scenario (child)
@@ -128,7 +41,6 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
     from scrapy import signals
 
     from scrapy_antideadlock import signals as ad_signals
-    from scrapy_antideadlock.identity import request_id
     from scrapy_antideadlock.testing import (
         Fault,
         FaultProxy,
@@ -138,6 +50,7 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
         postgres_dsn,
         run_crawl,
     )
+    from scrapy_antideadlock.testing.scenarios.pools import StickySpider
     from scrapy_antideadlock.watchdog import watchdog_for
 
     site = FaultSite(pages=1, items_per_page=40, latency=Latency.fixed(0.05)).start()
@@ -150,12 +63,10 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
         "ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD": window,
         "ANTIDEADLOCK_WATCHDOG_HEALTH_INTERVAL": 0,
         "CLOSESPIDER_TIMEOUT_NO_ITEM": int(window), "CONCURRENT_REQUESTS": 2,
-        "LOG_LEVEL": "ERROR", "BENCH_PROXY_URL": proxy.url,
+        "LOG_LEVEL": "ERROR", "SCENARIO_PROXY_URL": proxy.url,
     }
     if name == "deadlock":
-        settings.update(BENCH_PG_DSN=postgres_dsn(), CONCURRENT_REQUESTS=4,
-                        DOWNLOADER_MIDDLEWARES={StickyProxyMiddleware: 500},
-                        ITEM_PIPELINES={NaivePipeline: 300})
+        settings.update(SCENARIO_PG_DSN=postgres_dsn(), SCENARIO_NAIVE_AFTER=FAULT_AT_ITEM)
     elif name == "livelock":
         settings.update(RETRY_TIMES=10**9, RETRY_HTTP_CODES=[502], RETRY_PRIORITY_ADJUST=0)
     elif name == "stalled_io":
@@ -163,9 +74,7 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
 
     def start_fault(crawler: Any) -> None:
         marks["fault"] = time.monotonic()
-        if name == "deadlock":
-            crawler.bench_pipeline.naive = True
-        elif name == "livelock":
+        if name == "livelock":
             proxy.mode = "error"
         elif name == "stalled_io":
             site.add_fault("/item/*", Fault.hang())
@@ -175,12 +84,13 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
             return
         marks["ended"] = time.monotonic()
         if name == "deadlock":
-            crawler.bench_proxy.pool.close()
-            crawler.bench_pipeline.db.close()
+            crawler.scenario_pipeline.break_pools()
         elif name == "livelock":
             proxy.mode = "healthy"
 
-    class Spider(SiteSpider):
+    base = StickySpider if name == "deadlock" else SiteSpider
+
+    class Spider(base):  # type: ignore[valid-type,misc]
         @classmethod
         def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
             spider = super().from_crawler(crawler, *args, **kwargs)
@@ -192,7 +102,7 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
 
         def request_meta(self, kind: str) -> dict[str, Any]:
             if name == "deadlock":
-                return {"sticky": True} if kind == "item" else {}
+                return super().request_meta(kind)
             return {"proxy": proxy.url} if name == "livelock" else {}
 
         def on_opened(self) -> None:
@@ -232,10 +142,7 @@ async def run_scenario(name: str, window: float) -> dict[str, Any]:
                     and "fault" not in marks:
                 marks["fault"] = time.monotonic()
                 time.sleep(hold)  # the blocking callback
-            for item in super().parse_item(response, **kwargs):
-                if name == "deadlock":
-                    item["owner"] = request_id(response.request)
-                yield item
+            yield from super().parse_item(response, **kwargs)
 
     async def ender() -> None:
         while "fault" not in marks:

@@ -233,5 +233,10 @@ def _frame_summary(frame: Any, limit: int = 30) -> list[dict[str, Any]]:
     if frame is None:
         return []
     summary = traceback.extract_stack(frame, limit=limit)
-    return [{"function": f.name, "file": f.filename, "line": f.lineno, "code": f.line or ""}
-            for f in summary]
+    qualnames = []
+    while frame is not None and len(qualnames) < len(summary):
+        qualnames.append(getattr(frame.f_code, "co_qualname", frame.f_code.co_name))
+        frame = frame.f_back
+    qualnames.reverse()  # innermost last, like the summary
+    return [{"function": f.name, "qualname": q, "file": f.filename, "line": f.lineno,
+             "code": f.line or ""} for f, q in zip(summary, qualnames, strict=True)]

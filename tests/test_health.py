@@ -226,12 +226,9 @@ async def test_healthz_503_during_a_real_deadlock(make_fault_site, fault_proxy, 
     """The watchdog tests' naive crawl (sticky proxy sessions + a pipeline holding a real
     PostgreSQL connection across a download) deadlocks for real; /healthz says so."""
     from scrapy import signals
-    from test_watchdog import (
-        NaiveEnrichPipeline,
-        StickyProxyMiddleware,
-        StickySpider,
-        wd_settings,
-    )
+    from test_watchdog import wd_settings
+
+    from scrapy_antideadlock.testing.scenarios.pools import StickySpider
 
     port = free_port()
     probe = Probe(port, str(tmp_path / "none"), _null_socket())
@@ -250,8 +247,7 @@ async def test_healthz_503_during_a_real_deadlock(make_fault_site, fault_proxy, 
         crawler.signals.connect(later, ad_signals.stall_detected, weak=False)
 
     def break_knot(crawler: Any) -> None:  # what the test bed does to end the hang
-        crawler.test_proxy_mw.pool.close()
-        crawler.test_db_pool.close()
+        crawler.scenario_pipeline.break_pools()
 
     class Spider(StickySpider):
         @classmethod
@@ -261,9 +257,7 @@ async def test_healthz_503_during_a_real_deadlock(make_fault_site, fault_proxy, 
             return spider
 
     settings = wd_settings(
-        tmp_path, TEST_PROXY_URL=fault_proxy.url, TEST_PG_DSN=pg_dsn, CONCURRENT_REQUESTS=4,
-        DOWNLOADER_MIDDLEWARES={StickyProxyMiddleware: 500},
-        ITEM_PIPELINES={NaiveEnrichPipeline: 300},
+        tmp_path, SCENARIO_PROXY_URL=fault_proxy.url, SCENARIO_PG_DSN=pg_dsn,
         ANTIDEADLOCK_HEALTH_HTTP_PORT=port)
     settings["EXTENSIONS"] = {**settings["EXTENSIONS"],
                               "scrapy_antideadlock.health.HealthExtension": 0}

@@ -14,7 +14,6 @@ import pytest_twisted
 from scrapy import signals
 
 from scrapy_antideadlock import signals as ad_signals
-from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.testing import FaultSite, Latency, SiteSpider, run_crawl
 from scrapy_antideadlock.watchdog import Diagnosis, render, watchdog_for
 
@@ -80,150 +79,35 @@ async def test_blocked_loop_detected_with_stack(make_fault_site: Any, tmp_path: 
 
 
 # ---------------------------------------------------------------------- deadlock
-# A user's crawl written the naive way, with its own instrumented pools (as the README asks
-# users to do): a sticky proxy session per detail page (the proxy slot is kept until the
-# page's item is stored) and a pipeline that holds a PostgreSQL connection while it awaits
-# an enrichment download that needs a proxy slot. Proxy capacity 2, one connection.
-
-
-class StickyProxyMiddleware:
-    """Leases a slot of the real FaultProxy per request; detail pages keep it (sticky)."""
-
-    def __init__(self, crawler: Any) -> None:
-        from scrapy_antideadlock.primitives import LeasePool
-
-        self.proxy_url = crawler.settings["TEST_PROXY_URL"]
-        self.pool = LeasePool("proxy", {self.proxy_url: 2}, kind="proxy")
-        context_for(crawler).registry.register(self.pool)
-        self.sticky: dict[str, Any] = {}
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> StickyProxyMiddleware:
-        mw = cls(crawler)
-        crawler.test_proxy_mw = mw
-        return mw
-
-    async def process_request(self, request: Any) -> None:
-        from scrapy_antideadlock.identity import request_id
-
-        lease = await self.pool.acquire(request_id(request), timeout=120)
-        request.meta["proxy"] = self.proxy_url
-        request.meta["test_lease"] = lease
-        if request.meta.get("sticky"):
-            self.sticky[request_id(request)] = lease
-
-    async def process_response(self, request: Any, response: Any) -> Any:
-        if not request.meta.get("sticky"):
-            request.meta["test_lease"].release()
-        return response
-
-    async def process_exception(self, request: Any, exception: Exception) -> None:
-        lease = request.meta.get("test_lease")
-        if lease is not None:
-            lease.release()
-
-    def release_session(self, owner: str) -> None:
-        lease = self.sticky.pop(owner, None)
-        if lease is not None:
-            lease.release()
-
-
-class NaiveEnrichPipeline:
-    """Holds a DB connection (LeasePool over a real psycopg connection) across a download."""
-
-    def __init__(self, crawler: Any) -> None:
-        self.crawler = crawler
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> NaiveEnrichPipeline:
-        return cls(crawler)
-
-    async def open_spider(self) -> None:
-        import psycopg
-
-        from scrapy_antideadlock.primitives import LeasePool
-
-        self.conn = await psycopg.AsyncConnection.connect(
-            self.crawler.settings["TEST_PG_DSN"], autocommit=True)
-        await self.conn.execute("CREATE TABLE IF NOT EXISTS wd_items (key text PRIMARY KEY)")
-        self.db = LeasePool("db", 1, kind="pg")
-        context_for(self.crawler).registry.register(self.db)
-        self.crawler.test_db_pool = self.db
-
-    async def close_spider(self) -> None:
-        await self.conn.close()
-
-    async def process_item(self, item: Any) -> Any:
-        import scrapy
-
-        from scrapy_antideadlock.identity import META_KEY
-
-        owner = item.pop("owner")
-        try:
-            lease = await self.db.acquire(owner, timeout=120)
-            try:
-                await self.conn.execute("SELECT 1")
-                enrich = scrapy.Request(item["url"] + "?enrich=1", dont_filter=True,
-                                        meta={META_KEY: owner})
-                await self.crawler.engine.download_async(enrich)
-                await self.conn.execute("INSERT INTO wd_items VALUES (%s) ON CONFLICT DO NOTHING",
-                                        (item["key"],))
-            finally:
-                lease.release()
-        finally:
-            self.crawler.test_proxy_mw.release_session(owner)
-        return item
-
-
-class StickySpider(SiteSpider):
-    def request_meta(self, kind: str) -> dict[str, Any]:
-        return {"sticky": True} if kind == "item" else {}
-
-    def parse_item(self, response: Any, **kwargs: Any) -> Any:
-        from scrapy_antideadlock.identity import request_id
-
-        for item in super().parse_item(response, **kwargs):
-            item["owner"] = request_id(response.request)
-            yield item
-
-
-def break_on_stall(crawler: Any, found: list[dict[str, Any]], *pools: str) -> None:
-    """On stall_detected: keep the diagnosis and close the named test pools (ends the hang)."""
-
-    def handler(diagnosis: dict[str, Any], **kwargs: Any) -> None:
-        found.append(diagnosis)
-        for name in pools:
-            getattr(crawler, name).pool.close() if name == "test_proxy_mw" \
-                else getattr(crawler, name).close()
-
-    crawler.signals.connect(handler, ad_signals.stall_detected, weak=False)
+# The naive sticky-proxy + held-connection crawl (scrapy_antideadlock.testing.scenarios.pools):
+# the project's own pools registered in the registry, proxy capacity 2, one connection.
 
 
 @pytest_twisted.ensureDeferred
 async def test_naive_pipeline_deadlock_is_classified_with_cycle(
         make_fault_site: Any, fault_proxy: Any, pg_dsn: str, tmp_path: Any) -> None:
+    from scrapy_antideadlock.testing.scenarios.pools import StickySpider
+
     site = make_fault_site(pages=1, items_per_page=4)
     found: list[dict[str, Any]] = []
-
-    def opened(spider: Any, **kwargs: Any) -> None:
-        break_on_stall(spider.crawler, found, "test_proxy_mw", "test_db_pool")
 
     class Spider(StickySpider):
         @classmethod
         def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
-            spider = super().from_crawler(crawler, *args, **kwargs)
-            crawler.signals.connect(opened, signals.spider_opened, weak=False)
-            return spider
+            def on_stall(diagnosis: Any, **kw: Any) -> None:
+                found.append(diagnosis)
+                crawler.scenario_pipeline.break_pools()  # ends the hang
 
-    settings = wd_settings(
-        tmp_path, TEST_PROXY_URL=fault_proxy.url, TEST_PG_DSN=pg_dsn, CONCURRENT_REQUESTS=4,
-        DOWNLOADER_MIDDLEWARES={StickyProxyMiddleware: 500},
-        ITEM_PIPELINES={NaiveEnrichPipeline: 300})
+            crawler.signals.connect(on_stall, ad_signals.stall_detected, weak=False)
+            return super().from_crawler(crawler, *args, **kwargs)
+
+    settings = wd_settings(tmp_path, SCENARIO_PROXY_URL=fault_proxy.url, SCENARIO_PG_DSN=pg_dsn)
     result = await run_crawl(Spider, settings, timeout=40, start_url=site.start_url)
     assert result.finished
     assert len(found) == 1, found
     diag = found[0]
     assert diag["class"] == "deadlock", diag["evidence"]
+    assert diag.culprit is not None and diag.culprit.qualname == "NaiveEnrichPipeline.process_item"
     cycle = diag["cycle"]
     assert "proxy pool" in cycle and "pg 'db'" in cycle and "(cycle)" in cycle, cycle
     assert "item of request" in cycle

@@ -301,13 +301,15 @@ def run_crawl_subprocess(spider: str | type[Spider], settings: dict[str, Any] | 
                          items_path: str | os.PathLike[str], log_path: str | os.PathLike[str]
                          | None = None, spider_kwargs: dict[str, Any] | None = None,
                          env: dict[str, str] | None = None,
-                         pythonpath: list[str] | None = None) -> CrawlProcess:
+                         pythonpath: list[str] | None = None,
+                         cwd: str | os.PathLike[str] | None = None) -> CrawlProcess:
     """Start a crawl of ``spider`` ("module:Class" or the class) in a child process; return at once.
 
     Items are appended as JSON lines to ``items_path`` (flushed and fsynced per item);
     final stats go to ``<items_path>.stats.json``. The child's PYTHONPATH gets the
     current working directory, ``tests/`` next to it, this package's root and
-    ``pythonpath``, so spiders defined in test modules import.
+    ``pythonpath``, so spiders defined in test modules import. ``cwd``: the child's working
+    directory (where Scrapy's project data folder ``.scrapy/`` goes).
     """
     if not isinstance(spider, str):
         spider = f"{spider.__module__}:{spider.__qualname__}"
@@ -323,5 +325,6 @@ def run_crawl_subprocess(spider: str | type[Spider], settings: dict[str, Any] | 
            "--spider-kwargs", json.dumps(spider_kwargs or {})]
     with open(log, "ab") as log_file:
         popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                 env=child_env, start_new_session=True)
+                                 env=child_env, start_new_session=True,
+                                 cwd=None if cwd is None else str(cwd))
     return CrawlProcess(popen, items, log)

@@ -87,7 +87,9 @@ def _knot(ev: Evidence, limits: Thresholds) -> Verdict | None:
         return None
     lines = [f"{len(ev.graph.deadlocked)} owners wait in a knot: each waits for a pool whose "
              "every unit is held inside the knot", _loop_line(ev)]
-    return Verdict(classes.DEADLOCK.name, lines, _holder_culprit(ev.units))
+    waits_for_crawl = [u for u in ev.units if u.wait_kind == "crawl"]
+    return Verdict(classes.DEADLOCK.name, lines, _holder_culprit(ev.units)
+                   or _main_culprit(waits_for_crawl) or _main_culprit(ev.units))
 
 
 def _timeouts(ev: Evidence, limits: Thresholds) -> Verdict | None:

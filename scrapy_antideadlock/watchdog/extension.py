@@ -14,7 +14,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 from scrapy import signals as scrapy_signals
@@ -27,22 +26,20 @@ from ..context import context_for
 from ..loopmonitor import LoopMonitor
 from ..primitives.deadline import LatencyTracker
 from ..primitives.progress import ProgressMeter
-from ..primitives.registry import PoolSnapshot
-from ..primitives.waitgraph import WaitGraph, analyse
+from ..primitives.waitgraph import analyse
 from ..reactor import require_asyncio_reactor
 from . import classes, report
 from .classify import Evidence, Thresholds, classify
-from .diagnosis import Culprit, Diagnosis, StuckUnit
-from .probe import Probe, UnitsReader, inflight_tracker, latency_tracker
+from .diagnosis import Diagnosis
+from .meter import RequestFlow, counter_values, p99_of, stall_window
+from .probe import Probe, UnitsReader, latency_tracker
 from .tasks import suspended_tasks
 from .threadpools import thread_pools
-from .waits import culprit_of_callable, user_frames_of_stack
+from .waits import user_frames_of_stack
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
 MAX_KEPT_DIAGNOSES = 100
-# exception names that mean "the peer did not answer in time" (Twisted, Scrapy, this pack)
-_TIMEOUT_WORDS = ("TimeoutError", "DeadlineExceeded", "DownloadCancelled", "ResponseNeverReceived")
 
 
 def watchdog_for(crawler: Any) -> Watchdog | None:
@@ -86,8 +83,7 @@ class Watchdog:
         self._last_tick = 0.0
         self._stopped = False
         self._older_tasks: weakref.WeakSet = weakref.WeakSet()
-        # (time, callback, dont_filter) of recently scheduled requests: who churns in a livelock
-        self._scheduled: deque[tuple[float, Any, bool]] = deque(maxlen=4096)
+        self.flow = RequestFlow()  # who keeps scheduling requests (livelock evidence)
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> Watchdog:
@@ -192,21 +188,7 @@ class Watchdog:
     def _request_scheduled(self, request: Any, **kwargs: Any) -> None:
         if not request.dont_filter:  # it passed the duplicate filter: a new fingerprint
             self.stats.inc_value(ad_stats.WATCHDOG_NEW_REQUESTS)
-        self._scheduled.append((time.monotonic(), request.callback, request.dont_filter))
-
-    def _requesters(self, window: float, now: float) -> list[tuple[Culprit, int, int]]:
-        counts: dict[Any, list[int]] = {}
-        for when, callback, repeat in list(self._scheduled):
-            if when >= now - window and callback is not None:
-                entry = counts.setdefault(getattr(callback, "__func__", callback), [0, 0])
-                entry[0] += 1
-                entry[1] += int(repeat)
-        out = []
-        for fn, (count, repeats) in counts.items():
-            culprit = culprit_of_callable(fn)
-            if culprit is not None:
-                out.append((culprit, count, repeats))
-        return out
+        self.flow.scheduled(request)
 
     def _download_cancelled(self, request: Any = None, reason: str = "", **kwargs: Any) -> None:
         self.interventions += 1
@@ -218,61 +200,15 @@ class Watchdog:
     # ------------------------------------------------------------------ window
     def window(self) -> float:
         """The stall window: fixed by setting, else adaptive from request durations."""
-        cfg = self.cfg
-        if cfg.window is not None:
-            return cfg.window
-        p99, samples = self._p99()
-        if p99 is None or samples < cfg.window_min_samples:
-            base = cfg.window_initial
-        else:
-            base = p99 * cfg.window_multiplier + cfg.window_buffer
-        window = min(max(base, cfg.window_min), cfg.window_max)
-        # A polite crawl (DOWNLOAD_DELAY, AutoThrottle) is slow by design, not stalled.
-        window = max(window, 2 * self.probe.slot_delay() + cfg.window_buffer)
-        # A download still inside the deadline it was given (up to the user's own
-        # DOWNLOAD_TIMEOUT) is slow, not stuck: its deadline ends it.
-        return max(window, self._longest_deadline() + cfg.window_buffer)
-
-    def _longest_deadline(self) -> float:
-        tracker = inflight_tracker(self.crawler)
-        try:
-            return max((e.timeout for e in tracker.items() if e.timeout), default=0.0) \
-                if tracker is not None else 0.0
-        except Exception:  # noqa: BLE001 - another component's tracker must not break us
-            return 0.0
-
-    def _p99(self) -> tuple[float | None, int]:
-        tracked = latency_tracker(self.crawler)
-        tracker = self.latency
-        if tracked is not None and any(tracked.samples(k) for k in tracked.keys()):
-            tracker = tracked  # the downloader's: it also times slot-queue waits
-        best: float | None = None
-        samples = 0
-        for key in tracker.keys():
-            samples += tracker.samples(key)
-            value = tracker.quantile(key, 0.99)
-            if value is not None and (best is None or value > best):
-                best = value
-        return best, samples
+        if self.cfg.window is not None:
+            return self.cfg.window
+        p99, samples = p99_of([latency_tracker(self.crawler), self.latency])
+        return stall_window(self.cfg, p99, samples, self.probe.slot_delay(),
+                            self.probe.longest_deadline())
 
     # ------------------------------------------------------------------ the tick
     def _counter_values(self) -> dict[str, float]:
-        values = dict(self.stats.get_stats())
-        out: dict[str, float] = {}
-        for kind, names in (("progress", self.cfg.progress_stats),
-                            ("churn", self.cfg.churn_stats)):
-            for name in names:
-                out[f"{kind}:{name}"] = _stat_total(values, name)
-        grants = 0
-        for pool in self.registry.pools():
-            counters = getattr(pool, "counters", None)
-            grants += int(getattr(counters, "acquired", 0) or 0)
-        out["churn:lease_grants"] = grants
-        out["timeouts"] = float(sum(
-            v for k, v in values.items()
-            if k.startswith("downloader/exception_type_count/") and _is_number(v)
-            and any(word in k for word in _TIMEOUT_WORDS)))
-        return out
+        return counter_values(dict(self.stats.get_stats()), self.cfg, self.registry.pools())
 
     def _tick(self) -> None:
         started = time.thread_time()
@@ -348,7 +284,7 @@ class Watchdog:
             requests_sent=self.meter.delta("churn:downloader/request_count", window, now),
             graph=graph, inflight=self.inflight(now), awaiting=awaiting, units=units,
             transferring=self.probe.transferring(), pools=pools,
-            requesters=self._requesters(window, now))
+            requesters=self.flow.requesters(window, now))
         verdict = classify(evidence, Thresholds(self.cfg.churn_min, self.cfg.cpu_busy))
         diagnosis = self._diagnosis(
             verdict.stall_class, verdict.evidence, culprit=verdict.culprit, now=now, since=since,
@@ -431,49 +367,8 @@ class Watchdog:
                                             stall_class=episode["class"], duration=duration)
 
     # ------------------------------------------------------------------ the diagnosis
-    def _diagnosis(self, stall_class: str, evidence: list[str], *, now: float, since: float,
-                   window: float, snapshots: list[PoolSnapshot], graph: WaitGraph | None,
-                   inflight: list[dict[str, Any]], pending: dict[str, Any],
-                   cpu: float | None, churn: float | None,
-                   block: dict[str, Any] | None = None,
-                   awaiting: list[dict[str, Any]] | None = None,
-                   culprit: Culprit | None = None,
-                   units: list[StuckUnit] | None = None,
-                   extra: dict[str, Any] | None = None) -> Diagnosis:
-        monitor = self.monitor
-        lag = monitor.lag_stats() if self._monitor_started else None
-        try:
-            spider = getattr(self.crawler, "spider", None)
-        except RuntimeError:
-            spider = None
-        details = {
-            "spider": getattr(spider, "name", None),
-            "detected_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "monotonic": round(now, 3),  # time.monotonic() at detection (same-process timing)
-            "graph": graph.to_dict() if graph is not None else None,
-            "stack": block.get("stack") if block else None,
-            "where": block.get("where") if block else None,
-            "frames": block.get("frames") if block else None,
-            **report.pool_tables(snapshots),
-            "in_flight": report.inflight_table(inflight),
-            "pending": pending,
-            "in_callbacks": self.probe.in_callbacks(),
-            "awaiting": awaiting or [],
-            "progress": {k.split(":", 1)[1]: v
-                         for k, v in self.meter.window_report(window, now).items()
-                         if k.startswith("progress:")},
-            "churn": churn,
-            "loop": None if lag is None else {
-                "heartbeat_age": round(monitor.heartbeat_age(), 3),
-                "lag_p99": round(lag["p99"], 4), "lag_max": round(lag["max"], 4),
-                "cpu": None if cpu is None else round(cpu, 3),
-                "threshold": monitor.threshold},
-            "concurrency": self.concurrency,
-            **(extra or {}),
-        }
-        cycle = graph.cycles[0].text if graph is not None and graph.cycles else None
-        return Diagnosis(stall_class, self.episodes + 1, window, since, evidence,
-                         culprit=culprit, units=units or [], cycle=cycle, details=details)
+    def _diagnosis(self, stall_class: str, evidence: list[str], **kwargs: Any) -> Diagnosis:
+        return report.diagnosis(self, stall_class, evidence, **kwargs)
 
     # ------------------------------------------------------------------ health line
     def health(self) -> dict[str, Any]:
@@ -512,16 +407,3 @@ def _check(cfg: Any) -> None:
         raise ad_settings.SettingError(
             "ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD",
             "seconds > ANTIDEADLOCK_WATCHDOG_HEARTBEAT", cfg.blocked_threshold)
-
-
-def _stat_total(values: dict[str, Any], name: str) -> float:
-    """``name`` itself if set, else the sum of its family ``name/...`` (no double count)."""
-    value = values.get(name)
-    if _is_number(value):
-        return float(value)
-    prefix = name + "/"
-    return float(sum(v for k, v in values.items() if k.startswith(prefix) and _is_number(v)))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -77,6 +77,15 @@ class Probe:
     def slot_delay(self) -> float:
         return compat.download_slots_delay(self.engine)
 
+    def longest_deadline(self) -> float:
+        """The longest deadline the downloader part gave a download in flight (0 if none)."""
+        tracker = inflight_tracker(self.crawler)
+        try:
+            return max((e.timeout for e in tracker.items() if e.timeout), default=0.0) \
+                if tracker is not None else 0.0
+        except Exception:  # noqa: BLE001 - another component's tracker must not break us
+            return 0.0
+
     def track(self, now: float) -> None:
         """Note when each request in the downloader was first seen (for its age)."""
         engine = self.engine

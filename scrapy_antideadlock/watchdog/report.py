@@ -7,14 +7,18 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any
 
 from .. import stats as ad_stats
+from ..primitives.registry import PoolSnapshot
+from ..primitives.waitgraph import WaitGraph
 from . import classes
+from .diagnosis import Culprit, Diagnosis, StuckUnit
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
-__all__ = ["count", "inflight_table", "pool_tables", "render", "render_health", "write_file"]
+__all__ = ["count", "diagnosis", "inflight_table", "pool_tables", "render", "render_health", "write_file"]
 
 
 def pool_tables(snapshots: list[Any]) -> dict[str, Any]:
@@ -170,3 +174,50 @@ def write_file(path: str | None, diagnoses: Iterable[Any]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         logger.error("antideadlock watchdog: cannot write %s: %s", path, exc)
+
+
+def diagnosis(wd: Any, stall_class: str, evidence: list[str], *, now: float, since: float,
+              window: float, snapshots: list[PoolSnapshot], graph: WaitGraph | None,
+              inflight: list[dict[str, Any]], pending: dict[str, Any],
+              cpu: float | None, churn: float | None,
+              block: dict[str, Any] | None = None,
+              awaiting: list[dict[str, Any]] | None = None,
+              culprit: Culprit | None = None,
+              units: list[StuckUnit] | None = None,
+              extra: dict[str, Any] | None = None) -> Diagnosis:
+    """The :class:`Diagnosis` of one episode: the verdict plus every table behind it."""
+    monitor = wd.monitor
+    lag = monitor.lag_stats() if wd._monitor_started else None
+    try:
+        spider = getattr(wd.crawler, "spider", None)
+    except RuntimeError:
+        spider = None
+    details = {
+        "spider": getattr(spider, "name", None),
+        "detected_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "monotonic": round(now, 3),  # time.monotonic() at detection (same-process timing)
+        "graph": graph.to_dict() if graph is not None else None,
+        "stack": block.get("stack") if block else None,
+        "where": block.get("where") if block else None,
+        "frames": block.get("frames") if block else None,
+        **pool_tables(snapshots),
+        "in_flight": inflight_table(inflight),
+        "pending": pending,
+        "in_callbacks": wd.probe.in_callbacks(),
+        "awaiting": awaiting or [],
+        "progress": {k.split(":", 1)[1]: v
+                     for k, v in wd.meter.window_report(window, now).items()
+                     if k.startswith("progress:")},
+        "churn": churn,
+        "loop": None if lag is None else {
+            "heartbeat_age": round(monitor.heartbeat_age(), 3),
+            "lag_p99": round(lag["p99"], 4), "lag_max": round(lag["max"], 4),
+            "cpu": None if cpu is None else round(cpu, 3),
+            "threshold": monitor.threshold},
+        "concurrency": wd.concurrency,
+        **(extra or {}),
+    }
+    cycle = graph.cycles[0].text if graph is not None and graph.cycles else None
+    return Diagnosis(stall_class, wd.episodes + 1, window, since, evidence,
+                     culprit=culprit, units=units or [], cycle=cycle, details=details)
+

@@ -9,12 +9,15 @@ of what is shown, so the line named is the project's own.
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import linecache
 import os
 from typing import Any
 
 __all__ = ["FRAMEWORK_PARTS", "await_chain", "is_framework", "suspended_tasks"]
 
+_ASEND_TYPES = ("async_generator_asend", "async_generator_athrow")
 FRAMEWORK_PARTS = (f"{os.sep}scrapy{os.sep}", f"{os.sep}twisted{os.sep}",
                    f"{os.sep}asyncio{os.sep}")
 
@@ -70,6 +73,11 @@ def coro_frames(coro: Any) -> list[Any]:
                  or getattr(coro, "ag_frame", None))
         if frame is not None:
             frames.append(frame)
-        coro = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-                or getattr(coro, "ag_await", None))
+        nxt = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+               or getattr(coro, "ag_await", None))
+        if nxt is not None and type(nxt).__name__ in _ASEND_TYPES:
+            # ``async for`` over an async generator awaits an asend object, which has no
+            # attribute leading to its generator; the garbage collector knows it
+            nxt = next((r for r in gc.get_referents(nxt) if inspect.isasyncgen(r)), None)
+        coro = nxt
     return frames

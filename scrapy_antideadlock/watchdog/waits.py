@@ -317,9 +317,14 @@ def _wait_of(task: Any, frames: list[Any], users: list[Any], components: list[An
         return Wait("thread", "a thread-pool call (run_in_executor)", thread_future)
     io = next((n for n in names if any(part in n for part in _IO_PARTS)), None)
     if io is not None:
-        return Wait("io", f"I/O in {_module_name(io)} ({below[-1].f_code.co_name})")
+        call = below[0].f_code
+        return Wait("io", f"I/O: {call.co_name}() in {_module_name(call.co_filename)}")
     if leaf is None:
         return Wait("unknown", "nothing (the task is runnable)")
+    if any(f.f_code.co_filename.endswith(f"{os.sep}scrapy{os.sep}core{os.sep}engine.py")
+           for f in below):
+        return Wait("crawl", f"the crawl (Scrapy {below[0].f_code.co_name}: another "
+                             "request of this crawl)")
     candidates = _candidates(users, components)
     if deferred is not None:
         for obj, path in candidates:
@@ -330,10 +335,6 @@ def _wait_of(task: Any, frames: list[Any], users: list[Any], components: list[An
     for obj, path in candidates:
         if obj is leaf:
             return Wait("future", f"Future@{id(leaf):#x} never resolved ({path})", leaf)
-    if any(f.f_code.co_filename.endswith(f"{os.sep}scrapy{os.sep}core{os.sep}engine.py")
-           for f in below):
-        return Wait("crawl", f"the crawl (Scrapy {below[-1].f_code.co_name}: another "
-                             "request of this crawl)")
     if not below:
         return Wait("future", f"Future@{id(leaf):#x} never resolved", leaf)
     return Wait("library", f"{_module_name(below[-1].f_code.co_filename)} "
