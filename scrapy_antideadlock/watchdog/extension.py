@@ -291,7 +291,7 @@ class Watchdog:
             window=window, snapshots=snapshots, graph=graph, inflight=evidence.inflight,
             pending=pending, cpu=cpu, churn=evidence.churn, awaiting=awaiting, units=units,
             extra={"thread_pools": [p.to_dict() for p in pools],
-                   "transferring": evidence.transferring})
+                   "transferring": evidence.transferring, "time_to_detect": round(since, 3)})
         self._emit(diagnosis, time_to_detect=since, on_loop=True)
 
     def _on_blocked(self, info: dict[str, Any]) -> None:
@@ -310,7 +310,8 @@ class Watchdog:
         diagnosis = self._diagnosis(
             classes.BLOCKED_LOOP.name, evidence, now=now, since=self.meter.since_progress(now),
             window=self.window(), snapshots=snapshots, graph=None, inflight=self.inflight(now),
-            pending=self.pending(), cpu=None, churn=None, block=info, culprit=culprit)
+            pending=self.pending(), cpu=None, churn=None, block=info, culprit=culprit,
+            extra={"time_to_detect": round(info["blocked_for"], 3)})
         self._emit(diagnosis, time_to_detect=info["blocked_for"], on_loop=False)
 
     def _on_unblocked(self, info: dict[str, Any]) -> None:

@@ -87,8 +87,7 @@ def render(d: Any) -> str:
         oldest = flight["oldest"][0]
         lines.append(f"  in flight: {flight['count']} (oldest {oldest['age']:.1f}s "
                      f"[{oldest['stage']}]: {oldest['request']})")
-    lines += _units(d.get("units") or [])
-    if d.get("awaiting"):
+    if d.get("awaiting") and not d.get("units"):  # the units' groups are in the evidence
         lines.append("  suspended tasks (where pending work awaits, innermost last):")
         for group in d["awaiting"][:4]:
             code = f"  | {group['code']}" if group["code"] else ""
@@ -128,23 +127,6 @@ def _pools(pools: list[dict[str, Any]]) -> list[str]:
     for p in pools:
         lines.append(f"          {p['name'][:18]:<18}  {p['kind'][:8]:<8}  {p['capacity']:>3}"
                      f"  {p['in_use']:>4}  {p['waiters']:>7}  {p['oldest_wait']:>10.1f}s")
-    return lines
-
-
-def _units(units: list[dict[str, Any]]) -> list[str]:
-    """Pending units grouped by (stage, component, waiting on), biggest group first."""
-    if not units:
-        return []
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for unit in units:
-        key = (unit["stage"], unit["component"], unit["waiting_on"] or "?")
-        groups.setdefault(key, []).append(unit)
-    lines = ["  pending units (stage, component, waiting on):"]
-    for (stage, component, waiting), members in sorted(groups.items(),
-                                                       key=lambda kv: -len(kv[1]))[:5]:
-        holds = sorted({h for m in members for h in m["holds"]})
-        held = f", holding {', '.join(holds[:2])}" if holds else ""
-        lines.append(f"    {len(members)}x [{stage}] {component}: {waiting}{held}")
     return lines
 
 

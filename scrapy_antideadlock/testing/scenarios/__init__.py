@@ -112,5 +112,6 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              needs=("pg", "proxy"), site={"pages": 1, "items_per_page": 6}, prepare=_pools),
     Scenario("idle_waiting_for_urls", f"{_M}.idle:WaitingForUrlsSpider", None, "",
              "not a stall: spider_idle raises DontCloseSpider while it waits for URLs",
-             site={"pages": 1, "items_per_page": 2}, settings={"SCENARIO_IDLE_FOR": 8.0}),
+             site={"pages": 1, "items_per_page": 2},
+             settings={"SCENARIO_IDLE_FOR": 8.0, "ANTIDEADLOCK_WATCHDOG_HEALTH_INTERVAL": 1.0}),
 )}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -128,8 +129,7 @@ def run_scenarios(names: list[str], root: str | os.PathLike[str], *, timeout: fl
     finally:
         for run in runs:
             if run.process is not None and run.ended is None:
-                run.process.kill()
-                run.process.popen.wait(5)
+                _kill_group(run.process)
             if run.cleanup is not None:
                 run.cleanup()
             run.site.stop()
@@ -167,6 +167,15 @@ def account(run: ScenarioRun) -> Accounting:
             out.pending.update(site.keys_of_page(n))
     out.lost = [k for k in keys if k not in out.stored | out.dead_lettered | out.pending]
     return out
+
+
+def _kill_group(process: CrawlProcess) -> None:
+    """The child and what it started (a browser) share its session: end them all."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.popen.wait(5)
 
 
 def _safe(fn: Any, path: Path) -> list[dict[str, Any]]:
