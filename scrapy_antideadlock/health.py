@@ -13,7 +13,9 @@ only while the crawl progresses (or is legitimately idle):
 * systemd: ``READY=1`` when the engine starts, ``WATCHDOG=1`` every
   ``WATCHDOG_USEC / 2`` while healthy (so ``WatchdogSec`` kills a stuck unit),
   ``STOPPING=1`` at close — a datagram to ``NOTIFY_SOCKET``, no dependency;
-* ``GET /healthz`` on 127.0.0.1: 200 + JSON when healthy, 503 + the diagnosis when not.
+* ``GET /healthz`` on 127.0.0.1: 200 + JSON when healthy, 503 + the diagnosis when not;
+  ``GET /metrics`` on the same server: Prometheus metrics (:mod:`.metrics`, needs
+  ``prometheus_client``).
 
 Thread safety: the threads read only immutable snapshots published by the loop
 (``_published``), the loop monitor (thread-safe) and the stats dict (reads only).
@@ -138,6 +140,9 @@ class HealthExtension:
         self._server_thread: threading.Thread | None = None
         self._last_healthy: bool | None = None
         self.counters = {"unhealthy": 0, "pings": 0, "http": 0}
+        self.metrics: Any = None
+        if conf.http_port is not None:
+            self.metrics = _metrics_collector(crawler, self)
         self.last_status: dict[str, Any] = {}
         context_for(crawler).put("health", self)
         crawler.signals.connect(self.engine_started, signal=signals.engine_started)
@@ -298,6 +303,8 @@ class HealthExtension:
             try:
                 status = self.status()
                 self._observe(status)
+                if self.metrics is not None:
+                    self.metrics.sample()
                 now = time.monotonic()
                 if status["healthy"]:
                     if self.heartbeat_path is not None and now >= next_file:
@@ -339,14 +346,24 @@ class HealthExtension:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
-                if self.path.split("?")[0] not in ("/healthz", "/health", "/"):
+                path = self.path.split("?")[0]
+                if path == "/metrics" and extension.metrics is not None:
+                    extension.counters["http"] += 1
+                    from .metrics import CONTENT_TYPE_LATEST, render
+
+                    self._reply(200, CONTENT_TYPE_LATEST, render(extension.metrics))
+                    return
+                if path not in ("/healthz", "/health", "/"):
                     self.send_error(404)
                     return
                 extension.counters["http"] += 1
                 status = extension.status()
-                body = json.dumps(status, default=str).encode()
-                self.send_response(200 if status["healthy"] else 503)
-                self.send_header("Content-Type", "application/json")
+                self._reply(200 if status["healthy"] else 503, "application/json",
+                            json.dumps(status, default=str).encode())
+
+            def _reply(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
@@ -363,7 +380,18 @@ class HealthExtension:
                                                kwargs={"poll_interval": 0.2},
                                                name="antideadlock-healthz", daemon=True)
         self._server_thread.start()
-        logger.info("antideadlock /healthz on http://127.0.0.1:%d/healthz", self.http_port)
+        logger.info("antideadlock /healthz on http://127.0.0.1:%d/healthz%s", self.http_port,
+                    "" if self.metrics is None else ", /metrics beside it")
+
+
+def _metrics_collector(crawler: Crawler, health: HealthExtension) -> Any:
+    """The Prometheus collector, or None (logged once) without prometheus_client."""
+    try:
+        from .metrics import MetricsCollector
+    except ImportError:
+        logger.info("antideadlock: no /metrics (pip install 'scrapy-antideadlock[metrics]')")
+        return None
+    return MetricsCollector(crawler, health)
 
 
 def _jsonable(value: Any) -> Any:

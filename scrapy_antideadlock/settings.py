@@ -457,7 +457,8 @@ _define("health", "HEALTH_INTERVAL", 5.0, positive_float, "seconds > 0",
 _define("health", "HEALTH_SDNOTIFY", True, as_bool, "a boolean",
         "Send READY=1 / WATCHDOG=1 / STOPPING=1 to systemd when NOTIFY_SOCKET is set.")
 _define("health", "HEALTH_HTTP_PORT", None, optional_non_negative_int, "a port (0 = any) or None",
-        "Serve GET /healthz on 127.0.0.1:PORT from an off-loop thread (None = off).")
+        "Serve GET /healthz and GET /metrics (Prometheus; the metrics extra) on "
+        "127.0.0.1:PORT from an off-loop thread (None = off).")
 _define("health", "HEALTH_LOOP_BLOCKED_AFTER", 5.0, positive_float, "seconds > 0",
         "Report unhealthy when the event loop has not run for this long.")
 _define("recovery", "RECOVERY_LEVEL", "close", one_of("off", "recover", "close", "exit"),
