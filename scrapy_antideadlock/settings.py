@@ -505,6 +505,12 @@ _define("fleet", "FLEET_MAX_DELIVERIES", 3, positive_int, "an integer >= 1",
         "Deliveries of one request (pops) before it goes to the fleet-wide quarantine.")
 
 
+# ---- monitors (Spidermon) ----------------------------------------------------------------
+_define("monitor", "MONITOR_QUARANTINE_LIMIT", 10, positive_int, "an integer >= 1",
+        "scrapy_antideadlock.monitors: the quarantine monitor fails at this many quarantined "
+        "requests (watchdog + fleet).")
+
+
 # --------------------------------------------------------------------------- reading
 
 
