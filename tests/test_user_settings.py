@@ -109,3 +109,17 @@ async def test_site_that_slows_down_mid_crawl_loses_nothing(make_fault_site) -> 
     assert stats["antideadlock/deadline/exceeded/transfer"] >= 1  # the slowdown was felt
     assert stats.get("antideadlock/deadline/gave_up", 0) == 0
     assert stats["antideadlock/deadline/timeout/127.0.0.1"] > 2.0  # grew past the new latency
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_enabled_false_means_no_deadline_retry(make_fault_site) -> None:
+    # The user turned retries off: a hanging page fails once, at the user's timeout.
+    site = make_fault_site(pages=1, items_per_page=3)
+    site.add_fault("/item/k00001", Fault.hang())
+    settings = {**ADDON, "RETRY_ENABLED": False, "DOWNLOAD_TIMEOUT": 2.0}
+    result = await run_crawl(SiteSpider, settings, timeout=30, start_url=site.start_url)
+    assert result.finished
+    assert sorted(result.keys()) == ["k00000", "k00002"]
+    assert result.crawler.spider.failures == [(site.url("/item/k00001"), "DeadlineExceeded")]
+    assert site.hits["/item/k00001"] == 1
+    assert "antideadlock/deadline/retries" not in result.stats
