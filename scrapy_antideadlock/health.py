@@ -280,19 +280,10 @@ class HealthExtension:
         return status
 
     def _watchdog_state(self) -> str | None:
-        try:
-            from .watchdog import watchdog_for
-        except ImportError:
-            return None
-        watchdog = watchdog_for(self.crawler)
-        return getattr(watchdog, "state", None)
+        return getattr(context_for(self.crawler).get("watchdog"), "state", None)
 
     def _watchdog_diagnosis(self) -> Any:
-        try:
-            from .watchdog import watchdog_for
-        except ImportError:
-            return None
-        return getattr(watchdog_for(self.crawler), "last_diagnosis", None)
+        return getattr(context_for(self.crawler).get("watchdog"), "last_diagnosis", None)
 
     # ------------------------------------------------------------------ health thread
 

@@ -47,6 +47,8 @@ async def _slow_api_crawl(make_fault_site: Any, how: str, answer: float, user: f
     assert sorted(result.keys()) == site.item_keys(), result.crawler.spider.failures
     stats = result.stats
     assert stats.get("antideadlock/deadline/exceeded", 0) == 0
+    assert stats.get("antideadlock/watchdog/stalls", 0) == 0  # slow, not stuck
+    assert stats.get("antideadlock/watchdog/cancelled", 0) == 0
     assert stats["antideadlock/deadline/user_timeout"] >= 9
     return result
 
@@ -54,10 +56,14 @@ async def _slow_api_crawl(make_fault_site: Any, how: str, answer: float, user: f
 @pytest.mark.parametrize("how", ["setting", "attribute", "meta"])
 @pytest_twisted.ensureDeferred
 async def test_user_timeout_is_the_ceiling_not_deadline_max(make_fault_site, how: str) -> None:
-    # Scaled: pages answer in 3 s, the user allows 15 s, DEADLINE_MAX is 1 s.
+    # Scaled: pages answer in 3 s, the user allows 15 s, DEADLINE_MAX is 1 s, and the
+    # watchdog's first window is 1 s: a download inside its deadline is no stall either.
     await _slow_api_crawl(make_fault_site, how, answer=3.0, user=15.0,
                           extra={"ANTIDEADLOCK_DEADLINE_MAX": 1.0,
-                                 "ANTIDEADLOCK_DEADLINE_MIN": 0.5}, timeout=60)
+                                 "ANTIDEADLOCK_DEADLINE_MIN": 0.5,
+                                 "ANTIDEADLOCK_WATCHDOG_WINDOW_INITIAL": 1.0,
+                                 "ANTIDEADLOCK_WATCHDOG_WINDOW_MIN": 1.0,
+                                 "ANTIDEADLOCK_WATCHDOG_WINDOW_BUFFER": 0.5}, timeout=60)
 
 
 @pytest.mark.slow
