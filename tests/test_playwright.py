@@ -115,6 +115,9 @@ async def kill_leftover(crawler: Any) -> None:
     """After a crawl that hung: kill the stock handler's browser so nothing outlives the test."""
     handlers = crawler.engine.downloader.handlers._handlers.values()
     for handler in handlers:
+        config = getattr(handler, "config", None)
+        if config is not None:  # its pending downloads must not relaunch a browser
+            config.restart_disconnected_browser = False
         browser = live_browser(handler)
         if browser is not None and browser.is_connected():
             with contextlib.suppress(Exception):

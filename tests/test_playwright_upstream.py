@@ -25,6 +25,7 @@ import scrapy
 from playwright.async_api import Browser, Page
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
+from scrapy.exceptions import DownloadFailedError, DownloadTimeoutError
 from scrapy.utils.defer import deferred_f_from_coro_f
 from scrapy.utils.test import get_crawler
 from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
@@ -32,7 +33,7 @@ from scrapy_playwright.page import PageMethod
 
 from scrapy_antideadlock import compat
 from scrapy_antideadlock.compat import playwright as pw_compat
-from scrapy_antideadlock.playwright import SafePlaywrightDownloadHandler
+from scrapy_antideadlock.playwright import PlaywrightCallTimeout, SafePlaywrightDownloadHandler
 from scrapy_antideadlock.testing import chromium_launch_options
 
 pytestmark = pytest.mark.browser
@@ -318,14 +319,12 @@ async def test_log_messages_and_timeout_type(handler_cls: type, site: str,
     assert logged(caplog, logging.INFO, "Closing download handler")
 
 
-def kill_browser_processes() -> None:
-    """SIGKILL the Chromium processes this test process started (never anyone else's)."""
-    import psutil
-
-    for proc in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "chrom" in proc.name().lower():
-                os.kill(proc.pid, signal.SIGKILL)
+async def kill_browser(browser: Browser) -> None:
+    """SIGKILL the browser process of ``browser`` (asked over CDP; nothing else is touched)."""
+    session = await asyncio.wait_for(browser.new_browser_cdp_session(), 10)
+    info = await asyncio.wait_for(session.send("SystemInfo.getProcessInfo"), 10)
+    os.kill(next(p["id"] for p in info["processInfo"] if p["type"] == "browser"),
+            signal.SIGKILL)
 
 
 async def until(condition: Any, timeout: float = 10) -> None:
@@ -342,15 +341,13 @@ async def test_browser_crash_restarts(handler_cls: type, site: str, caplog: Any)
     async with launched(handler_cls) as handler:
         await fetch(handler, req(site + "/page"))
         browser = handler.browser
-        kill_browser_processes()
+        await kill_browser(browser)
         await until(lambda: not browser.is_connected())
         response = await fetch(handler, req(site + "/page?after"))
         assert response.status == 200 and handler.browser is not browser
         assert logged(caplog, logging.DEBUG, "Browser disconnected")
-        launches = [t for t in caplog.record_tuples
-                    if t == (UPSTREAM_LOGGER, logging.INFO, "Launching browser chromium")]
-        assert len(launches) == 2
-        assert handler.stats.get_value("playwright/browser_count") == 2
+        assert logged(caplog, logging.INFO, "Launching browser chromium")
+        assert handler.stats.get_value("playwright/browser_count") == 2  # launched again
 
 
 @deferred_f_from_coro_f
@@ -361,11 +358,14 @@ async def test_browser_crash_without_restart_raises_target_closed(handler_cls: t
     async with launched(handler_cls, PLAYWRIGHT_RESTART_DISCONNECTED_BROWSER=False) as handler:
         await fetch(handler, req(site + "/page"))
         browser = handler.browser
-        kill_browser_processes()
+        await kill_browser(browser)
         await until(lambda: not browser.is_connected())
-        with pytest.raises(TargetClosedError):
+        with pytest.raises(TargetClosedError) as info:
             await fetch(handler, req(site + "/page?after"))
         assert handler.browser is browser  # not relaunched
+    if handler_cls is SafePlaywrightDownloadHandler:  # ours adds: retryable, and why
+        assert isinstance(info.value, DownloadFailedError)
+        assert info.value.antideadlock["attempts"] == 4  # upstream's 3 retries + the first
 
 
 @deferred_f_from_coro_f
@@ -399,3 +399,10 @@ def test_supported_version_check_names_what_moved(monkeypatch: Any) -> None:
     monkeypatch.delattr(ScrapyPlaywrightDownloadHandler, "_create_page")
     with pytest.raises(compat.CompatError, match=r"ScrapyPlaywrightDownloadHandler\._create_page"):
         SafePlaywrightDownloadHandler(crawler=get_crawler(settings_dict=settings()))
+
+
+def test_our_timeouts_keep_playwrights_type() -> None:
+    """Ours only: a call that overran is still a Playwright TimeoutError for errbacks."""
+    exc = PlaywrightCallTimeout("evaluate", 3.0, "http://example.com/")
+    assert isinstance(exc, PlaywrightTimeoutError) and isinstance(exc, DownloadTimeoutError)
+    assert exc.call == "evaluate" and "evaluate did not finish within 3.00s" in exc.message

@@ -234,7 +234,8 @@ class Books:
         entry.closed = entry.closing = True
         if not entry.gone.done():
             entry.gone.set_result(True)
-        entry.lease.release("closed")
+        if not entry.lease.released:  # an expired (age-limited) lease is back already
+            entry.lease.release("closed")
         ctx = entry.ctx
         ctx.entries.discard(entry)
         ctx.last_used = time.monotonic()

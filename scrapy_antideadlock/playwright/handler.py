@@ -28,7 +28,7 @@ from ..compat import playwright as pw_compat
 from ..context import context_for
 from .books import Books, ContextEntry, LeaseSemaphore
 from .calls import CURRENT, Calls, Download, request_deadline
-from .errors import PlaywrightCallTimeout, attach_info
+from .errors import BrowserCrashed, PlaywrightCallTimeout, attach_info
 from .mirror import UpstreamMirror
 from .shutdown import browser_pid, shutdown
 
@@ -170,6 +170,13 @@ class SafePlaywrightDownloadHandler(UpstreamMirror):
         try:
             return await self._within_deadline(super()._download_request(request, spider),
                                                download)
+        except BrowserCrashed as exc:
+            attach_info(exc, call=download.call, attempts=download.attempts)
+            raise
+        except pw_compat.target_closed_error() as exc:
+            # still a TargetClosedError for errbacks, and a DownloadFailedError for retries
+            crashed = BrowserCrashed(str(exc), download.call, request.url)
+            raise attach_info(crashed, call=download.call, attempts=download.attempts) from exc
         except BaseException as exc:
             attach_info(exc, call=download.call, attempts=download.attempts)
             raise
@@ -181,6 +188,7 @@ class SafePlaywrightDownloadHandler(UpstreamMirror):
         left unbounded upstream (routing, init callback) cannot outlive it."""
         task = asyncio.ensure_future(coro)
         grace = self.opts.close_timeout
+        started = time.monotonic()
         try:
             done, _ = await asyncio.wait({task}, timeout=download.deadline - time.monotonic()
                                          + grace)
@@ -194,7 +202,8 @@ class SafePlaywrightDownloadHandler(UpstreamMirror):
         task.cancel()
         await asyncio.wait({task}, timeout=grace + 1.0)
         self.calls.timed_out(download.call)
-        raise PlaywrightCallTimeout(download.call, grace, download.request.url)
+        raise PlaywrightCallTimeout(download.call, time.monotonic() - started,
+                                    download.request.url)
 
     async def _download_request_with_retry(self, request: Any, spider: Any) -> Any:
         download = CURRENT.get()

@@ -67,7 +67,9 @@ async def shutdown(handler: Any, books: Books, timeout: float, pending: set) -> 
     stats = handler.stats
     browser = getattr(handler, "browser", None)
     if browser is not None and browser.is_connected():
-        pages, open_contexts = await browser_counts(browser, deadline)
+        # a browser reached over Playwright's protocol (CONNECT_URL) has no CDP to ask
+        pages, open_contexts = (len(books.pages), len(books.contexts)) \
+            if handler.config.connect_url else await browser_counts(browser, deadline)
         stats.set_value(ad_stats.PW_OPEN_PAGES_AT_CLOSE, pages)
         stats.set_value(ad_stats.PW_OPEN_CONTEXTS_AT_CLOSE, open_contexts)
         logger.info("Closing browser")
