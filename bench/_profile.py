@@ -20,6 +20,7 @@ import sys
 import tempfile
 from typing import Any
 
+from .broad import BROAD
 from .common import ADDON_PACK, ROOT, SiteProcess
 
 #: Frames of the crawl's own spider: work below them is the user's, not the pack's.
@@ -70,12 +71,14 @@ def profile(start_url: str, settings: dict, rate: int, window: float) -> dict:
     return {"report": report, "total": total, "by_comp": by_comp, "by_thread": by_thread}
 
 
-def cprofile(start_url: str, settings: dict, window: float) -> Any:
+def cprofile(start_url: str, settings: dict, window: float, **extra: Any) -> Any:
     """pstats of one crawl (main thread only; call counts are exact, times inflated)."""
     import pstats
 
     out = tempfile.NamedTemporaryFile(suffix=".prof", delete=False).name
-    spec = {"start_url": start_url, "settings": {**BASE, **settings}, "window": window}
+    base = BROAD if extra.get("broad") else BASE
+    spec = {"start_url": start_url, "settings": {**base, **settings}, "window": window,
+            **extra}
     subprocess.run([sys.executable, "-m", "bench.common", json.dumps(spec)], cwd=ROOT,
                    capture_output=True, text=True, timeout=window + 120,
                    env={**os.environ, "BENCH_CPROFILE": out})
@@ -126,13 +129,21 @@ def main() -> None:
     parser.add_argument("--side", choices=("addon", "plain", "both"), default="both")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--settings", default="{}", help="extra settings (JSON) for the pack")
+    parser.add_argument("--broad", action="store_true",
+                        help="with --cprofile: the broad crawl (pages x 100 hosts)")
     parser.add_argument("--cprofile", action="store_true",
                         help="cProfile both sides and diff calls and self time instead")
     args = parser.parse_args()
     if args.cprofile:
-        with SiteProcess("--pages", str(args.pages), "--items-per-page", "100") as site:
-            plain = cprofile(site.start_url, {}, 300)
-            pack = cprofile(site.start_url, {**ADDON_PACK, **json.loads(args.settings)}, 300)
+        host = ("--host", "0.0.0.0") if args.broad else ()
+        with SiteProcess(*host, "--pages", str(args.pages), "--items-per-page", "100") as site:
+            extra = {}
+            if args.broad:
+                port = int(site.start_url.split(":")[2].split("/")[0])
+                extra = {"broad": {"n": args.pages * 100, "port": port}}
+            plain = cprofile(site.start_url, {}, 600, **extra)
+            pack = cprofile(site.start_url, {**ADDON_PACK, **json.loads(args.settings)}, 600,
+                            **extra)
         compare(plain, pack, args.top)
         return
     sides = {"plain": {}, "addon": {**ADDON_PACK, **json.loads(args.settings)}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -58,9 +59,10 @@ class SiteProcess:
         self.stop()
 
 
-def start_child(start_url: str, settings: dict[str, Any], window: float) -> subprocess.Popen:
+def start_child(start_url: str, settings: dict[str, Any], window: float,
+                **extra: Any) -> subprocess.Popen:
     """Start a child crawling ``start_url`` for at most ``window`` s."""
-    spec = {"start_url": start_url, "settings": settings, "window": window}
+    spec = {"start_url": start_url, "settings": settings, "window": window, **extra}
     return subprocess.Popen([sys.executable, "-m", "bench.common", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
@@ -80,9 +82,10 @@ def child_report(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
 
 
 def run_child(start_url: str, settings: dict[str, Any], window: float,
-              timeout: float | None = None) -> dict[str, Any]:
+              timeout: float | None = None, **extra: Any) -> dict[str, Any]:
     """Crawl ``start_url`` for at most ``window`` s in a child; return its JSON report."""
-    return child_report(start_child(start_url, settings, window), timeout or window + 60)
+    return child_report(start_child(start_url, settings, window, **extra),
+                        timeout or window + 60)
 
 
 def load_line() -> str:
@@ -123,6 +126,19 @@ def _child(spec: dict[str, Any]) -> None:
                 times.append(time.monotonic() - t0[0])
                 yield item
 
+    spider_cls: type = TimedSpider
+    broad = spec.get("broad")
+    if broad:  # one detail page per host: 127.a.b.c, each its own downloader slot
+        class BroadSpider(TimedSpider):
+            name = "broad"
+
+            async def start(self) -> Any:
+                for i in range(broad["n"]):
+                    host = f"127.{1 + i // 64516}.{1 + (i // 254) % 254}.{1 + i % 254}"
+                    url = f"http://{host}:{broad['port']}/item/k{i:05d}"
+                    yield self.make_request(url, self.parse_item, "item")
+
+        spider_cls = BroadSpider
     settings = {"LOG_LEVEL": "ERROR", **spec["settings"]}
 
     profiler = None
@@ -136,7 +152,7 @@ def _child(spec: dict[str, Any]) -> None:
         cpu0 = time.process_time()
         if profiler is not None:
             profiler.enable()
-        result = await run_crawl(TimedSpider, settings, timeout=spec["window"],
+        result = await run_crawl(spider_cls, settings, timeout=spec["window"],
                                  expect_hang=True, start_url=spec["start_url"])
         if profiler is not None:
             profiler.disable()
@@ -144,6 +160,7 @@ def _child(spec: dict[str, Any]) -> None:
         report = {"items": len(times), "times": [round(t, 3) for t in times],
                   "finished": result.finished, "elapsed": time.monotonic() - t0[0],
                   "cpu": time.process_time() - cpu0,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "stats": {k: v for k, v in result.stats.items()
                             if isinstance(v, (int, float)) and (
                                 k.startswith(("antideadlock/", "retry/", "downloader/"))

@@ -54,7 +54,8 @@ DEADLINE_RETRIES = _stat("deadline/retries",
                          "Retries scheduled after DeadlineExceeded or ProxyLeaseTimeout.")
 DEADLINE_OWN_RETRIES = _stat("deadline/own_retries",
                              "Deadline retries that used no RETRY_TIMES: cut while queued, or "
-                             "below the ceiling while most of the slot was cut.")
+                             "below the ceiling while most of the slot was cut or RETRY_TIMES "
+                             "is Scrapy's default.")
 DEADLINE_GAVE_UP = _stat("deadline/gave_up",
                          "Requests that hit their deadline/lease bound with no retry left.")
 DEADLINE_CANCELS = _stat("deadline/cancels",

@@ -66,3 +66,16 @@ def test_a_retry_on_a_warm_slot_keeps_its_deadline_a_cold_one_backs_off() -> Non
     assert policy.transfer_timeout("warm", 2) == base  # the cut was a hang, not slowness
     cold = policy.transfer_timeout("cold", 0)
     assert policy.transfer_timeout("cold", 1) == min(2 * cold, 60.0)
+
+
+def test_summary_is_the_worst_slot_and_follows_new_samples() -> None:
+    tracker = LatencyTracker(window=100, max_keys=3)
+    assert tracker.summary() == (None, 0)
+    for key, seconds in (("a", 0.1), ("b", 0.5), ("c", 0.2)):
+        tracker.record(key, seconds)
+    best, samples = tracker.summary()
+    assert samples == 3 and abs(best - 0.5) < 0.03
+    tracker.record("d", 0.05)  # evicts "a"; "b" is still the worst
+    tracker.record("e", 0.05)  # evicts "b"
+    best, samples = tracker.summary()
+    assert samples == 3 and abs(best - 0.2) < 0.01

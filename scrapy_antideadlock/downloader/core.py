@@ -170,7 +170,8 @@ class DownloadGuard:
             self.latency.censor(entry.key, time.monotonic() - entry.transfer_started)
         self.inc(ad_stats.DEADLINE_EXCEEDED)
         self.inc(ad_stats.family(ad_stats.DEADLINE_EXCEEDED_STAGE, stage=stage))
-        return DeadlineExceeded(entry.timeout, time.monotonic() - entry.started, stage, reason)
+        return DeadlineExceeded(entry.timeout, time.monotonic() - entry.started, stage, reason,
+                                key=entry.key)
 
     def remove_from_slot_queue(self, entry: InFlightDownload) -> bool:
         """Fail a request still waiting in its downloader slot queue (safe: docs/internals.md)."""

@@ -12,7 +12,9 @@ Retries follow the user's RETRY settings. Two kinds of cut are the pack's own
 doing rather than the site's, and are retried without using RETRY_TIMES: a request
 cut while still queued (it never reached the site), and a transfer cut below the
 ceiling while most recent transfers of its slot were cut too (the deadline was too
-short for the site; it grows). The attempt RETRY_TIMES leaves last always runs
+short for the site; it grows) or while RETRY_TIMES is left at Scrapy's default (plain
+Scrapy would not have cut it there). Retries go out promptly (priority adjust 0), so
+hung requests leave no tail at the end of the crawl. The attempt RETRY_TIMES leaves last always runs
 under the user's full timeout, so the pack never gives up on a request that plain
 Scrapy would have waited for.
 """
@@ -61,6 +63,9 @@ class DeadlineMiddleware:
             self.setting_timeout = _positive(settings.getfloat("DOWNLOAD_TIMEOUT"))
         self.retry_enabled = settings.getbool("RETRY_ENABLED")
         self.retry_times = settings.getint("RETRY_TIMES")
+        # Left at Scrapy's default, RETRY_TIMES budgets the failures plain Scrapy would
+        # have seen; a cut below the user's ceiling is the pack's own and does not spend it.
+        self.retry_times_set = settings.getpriority("RETRY_TIMES") > _DEFAULT_PRIORITY
         self.priority_adjust = self.guard.retry_priority_adjust
         if (settings.getpriority("RETRY_PRIORITY_ADJUST") > _DEFAULT_PRIORITY
                 and settings.getpriority("ANTIDEADLOCK_DEADLINE_RETRY_PRIORITY_ADJUST") is None):
@@ -105,14 +110,17 @@ class DeadlineMiddleware:
         guard.inflight.finish(request)
         if isinstance(exception, (DeadlineExceeded, ProxyLeaseTimeout)) or (
                 isinstance(exception, DownloadCancelled) and exception.retry):
-            own = isinstance(exception, DeadlineExceeded) and entry is not None and (
+            # the handler has finished the entry by now: the exception names the slot
+            key = entry.key if entry is not None else getattr(exception, "key", None)
+            own = isinstance(exception, DeadlineExceeded) and key is not None and (
                 exception.stage == "queued"
-                or (exception.stage == "transfer" and guard.latency.mostly_censored(entry.key)))
+                or (exception.stage == "transfer" and (
+                    not self.retry_times_set or guard.latency.mostly_censored(key))))
             return self._retry(request, exception, own=own)
         return None
 
     def _retry(self, request: Request, exception: Exception, own: bool) -> Request | None:
-        """Retry later (lower priority) with a longer deadline, within RETRY_TIMES.
+        """Retry (promptly by default), within RETRY_TIMES unless the cut was our own.
 
         A request that never got a proxy slot did not reach the site: it has its own
         budget (PROXY_LEASE_RETRIES), so lease starvation cannot eat RETRY_TIMES. A cut

@@ -108,6 +108,8 @@ class LatencyTracker:
         # (censored, seconds): the last ``recent`` outcomes, cuts included
         self._recent: dict[Hashable, deque[tuple[bool, float]]] = {}
         self._order: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
+        self._summary: dict[Hashable, tuple[float | None, int]] = {}  # key -> (p99, samples)
+        self._dirty: set[Hashable] = set()  # keys recorded since the last summary()
         self._lock = threading.Lock()  # the watchdog thread reads quantiles
 
     def record(self, key: Hashable, seconds: float) -> None:
@@ -134,6 +136,7 @@ class LatencyTracker:
             self._current[key] = LatencyHistogram()
         if key != PRIOR:
             self._touch(key)
+            self._dirty.add(key)
 
     def _touch(self, key: Hashable) -> None:
         """Mark ``key`` most recently used; evict the least recent one past ``max_keys``."""
@@ -150,6 +153,8 @@ class LatencyTracker:
         self._current.pop(key, None)
         self._previous.pop(key, None)
         self._recent.pop(key, None)
+        self._summary.pop(key, None)
+        self._dirty.discard(key)
         self.evicted += 1
 
     def _outcomes(self, key: Hashable) -> deque[tuple[bool, float]]:
@@ -182,6 +187,25 @@ class LatencyTracker:
             if cur is None:
                 return prev.quantile(q) if prev else None
             return cur.quantile(q, prev)
+
+    def summary(self, q: float = 0.99) -> tuple[float | None, int]:
+        """(largest ``q``-quantile over the keys, their total samples), for a periodic
+        reader: only keys recorded since the last call are recomputed."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            for key in dirty:
+                cur, prev = self._current.get(key), self._previous.get(key)
+                if cur is None:
+                    continue
+                self._summary[key] = (cur.quantile(q, prev),
+                                      cur.total + (prev.total if prev else 0))
+            best: float | None = None
+            samples = 0
+            for value, n in self._summary.values():
+                samples += n
+                if value is not None and (best is None or value > best):
+                    best = value
+            return best, samples
 
     def keys(self) -> list[Hashable]:
         """Every key currently remembered (:data:`PRIOR` not included)."""

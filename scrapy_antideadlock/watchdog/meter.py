@@ -40,6 +40,12 @@ def counter_values(values: dict[str, Any], cfg: Any, pools: list[Any]) -> dict[s
 
 def p99_of(trackers: list[Any]) -> tuple[float | None, int]:
     """Largest p99 over the first tracker that has samples (and the sample count)."""
+    for tracker in trackers:  # a LatencyTracker keeps this incrementally: cheap per tick
+        summary = getattr(tracker, "summary", None)
+        if summary is not None:
+            best, samples = summary(0.99)
+            if samples:
+                return best, samples
     tracker = next((t for t in trackers if t is not None
                     and any(t.samples(k) for k in t.keys())), trackers[-1])
     best: float | None = None

@@ -1,0 +1,49 @@
+"""Deadline retries: prompt, lossless at the defaults, within the user's own RETRY_TIMES.
+
+Every crawl runs with the ADDONS line against the real fault site, bounded in time;
+deadlines are scaled down (DEADLINE_MIN 0.5 s) so the hangs cost little.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+
+from scrapy_antideadlock.testing import Fault, Latency, SiteSpider, run_crawl
+
+FAST = {
+    "ADDONS": {"scrapy_antideadlock.Addon": 0},
+    "ANTIDEADLOCK_DEADLINE_MIN": 0.5, "ANTIDEADLOCK_DEADLINE_INITIAL": 1.0,
+    "ANTIDEADLOCK_DEADLINE_MIN_SAMPLES": 5, "ANTIDEADLOCK_WATCHDOG_ENABLED": False,
+    "CONCURRENT_REQUESTS": 8,
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hang_storm_loses_no_reachable_item(make_fault_site: Any) -> None:
+    # 30 % of detail-page requests hang for ever, drawn per request: with only
+    # RETRY_TIMES (2) for them, about 1 item in 40 would hang three times and be lost.
+    site = make_fault_site(pages=2, items_per_page=30, latency=Latency.fixed(0.01))
+    site.add_fault("/item/*", Fault.hang(), rate=0.3, per="request")
+    result = await run_crawl(SiteSpider, FAST, timeout=120, start_url=site.start_url)
+    assert result.finished
+    assert sorted(result.keys()) == sorted(site.item_keys())
+    stats = result.stats
+    assert stats["antideadlock/deadline/exceeded"] >= 10  # the storm really happened
+    assert stats.get("antideadlock/deadline/gave_up", 0) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_users_retry_times_bounds_deadline_retries(make_fault_site: Any) -> None:
+    # One page hangs on every attempt on an otherwise healthy slot; the user allows one
+    # retry: exactly two attempts, then the request is given up (and reported).
+    site = make_fault_site(pages=1, items_per_page=30, latency=Latency.fixed(0.01))
+    site.add_fault("/item/k00007", Fault.hang())
+    result = await run_crawl(SiteSpider, {**FAST, "RETRY_TIMES": 1}, timeout=60,
+                             start_url=site.start_url)
+    assert result.finished
+    assert site.hits["/item/k00007"] == 2
+    assert set(result.keys()) == set(site.item_keys()) - {"k00007"}  # it never answers
+    assert result.stats["antideadlock/deadline/gave_up"] == 1
+    assert result.stats["retry/max_reached"] == 1
