@@ -263,10 +263,10 @@ def _int_list(value: Any) -> list[int]:
     return [int(v) for v in string_list(value)]
 
 
-_define("deadline", "DEADLINE_RETRY_PRIORITY_ADJUST", 0, _integer, "an integer",
+_define("deadline", "DEADLINE_RETRY_PRIORITY_ADJUST", -10, _integer, "an integer",
         "Priority change of a request retried after DeadlineExceeded/ProxyLeaseTimeout "
-        "(0: retried promptly, so hung requests leave no tail at the end of the crawl; "
-        "negative: behind fresh work).")
+        "(negative: later, behind fresh work). A request's first deadline retry keeps its "
+        "priority (no tail of hung requests at the end of the crawl).")
 _define("deadline", "DEADLINE_RETRY_BACKOFF", 2.0, _min_one_float, "a number >= 1",
         "Each deadline retry gets the adaptive deadline x this (per attempt), still <= the "
         "ceiling.")

@@ -79,3 +79,12 @@ def test_summary_is_the_worst_slot_and_follows_new_samples() -> None:
     tracker.record("e", 0.05)  # evicts "b"
     best, samples = tracker.summary()
     assert samples == 3 and abs(best - 0.2) < 0.01
+
+
+def test_a_request_starved_of_a_proxy_gets_longer_each_lease_retry() -> None:
+    policy = _policy()
+    for _ in range(30):
+        policy.latency.record("warm", 0.2)
+    base = policy.transfer_timeout("warm", 0)
+    assert policy.transfer_timeout("warm", 0, lease_retries=2) == 4 * base
+    assert policy.transfer_timeout("warm", 0, user_timeout=5.0, lease_retries=5) == 5.0

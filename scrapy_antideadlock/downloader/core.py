@@ -148,7 +148,7 @@ class DownloadGuard:
         if self.deadline_enabled:
             policy = self.policy_state
             timeout = policy.transfer_timeout(key, meta.get(RETRY_COUNT_KEY, 0), user_timeout,
-                                              full)
+                                              full, meta.get(LEASE_RETRY_KEY, 0))
             timeout += policy.queue_allowance(compat.slot_of(downloader, slot), key, timeout)
         elif user_timeout:
             timeout = user_timeout

@@ -13,8 +13,9 @@ doing rather than the site's, and are retried without using RETRY_TIMES: a reque
 cut while still queued (it never reached the site), and a transfer cut below the
 ceiling while most recent transfers of its slot were cut too (the deadline was too
 short for the site; it grows) or while RETRY_TIMES is left at Scrapy's default (plain
-Scrapy would not have cut it there). Retries go out promptly (priority adjust 0), so
-hung requests leave no tail at the end of the crawl. The attempt RETRY_TIMES leaves last always runs
+Scrapy would not have cut it there). A request's first deadline retry goes out at once
+(no priority change), so hung requests leave no tail at the end of the crawl; later
+ones go behind fresh work. The attempt RETRY_TIMES leaves last always runs
 under the user's full timeout, so the pack never gives up on a request that plain
 Scrapy would have waited for.
 """
@@ -67,9 +68,11 @@ class DeadlineMiddleware:
         # have seen; a cut below the user's ceiling is the pack's own and does not spend it.
         self.retry_times_set = settings.getpriority("RETRY_TIMES") > _DEFAULT_PRIORITY
         self.priority_adjust = self.guard.retry_priority_adjust
+        self.prompt_first = True  # a request's first deadline retry keeps its priority
         if (settings.getpriority("RETRY_PRIORITY_ADJUST") > _DEFAULT_PRIORITY
                 and settings.getpriority("ANTIDEADLOCK_DEADLINE_RETRY_PRIORITY_ADJUST") is None):
             self.priority_adjust = settings.getint("RETRY_PRIORITY_ADJUST")
+            self.prompt_first = False
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> DeadlineMiddleware:
@@ -134,14 +137,14 @@ class DeadlineMiddleware:
         if isinstance(exception, ProxyLeaseTimeout):
             count = meta.get(LEASE_RETRY_KEY, 0)
             if not meta.get("dont_retry") and count < self.guard.lease_retries:
-                new = self._copy(request)
+                new = self._copy(request, self.priority_adjust)
                 new.meta[LEASE_RETRY_KEY] = count + 1
         elif own and not meta.get("dont_retry") and self._below_ceiling(request):
-            new = self._copy(request)
+            new = self._copy(request, self._adjust(request, exception))
             self.guard.inc(ad_stats.DEADLINE_OWN_RETRIES)
         elif not meta.get("dont_retry") and self.retry_enabled and spider is not None:
             new = get_retry_request(request, spider=spider, reason=exception,
-                                    priority_adjust=self.priority_adjust)
+                                    priority_adjust=self._adjust(request, exception))
         if new is None:
             self.guard.inc(ad_stats.DEADLINE_GAVE_UP)
             return None
@@ -151,10 +154,20 @@ class DeadlineMiddleware:
         self.guard.inc(ad_stats.DEADLINE_RETRIES)
         return new
 
-    def _copy(self, request: Request) -> Request:
+    def _adjust(self, request: Request, exception: Exception) -> int:
+        """Priority change of a retry. A request's first deadline retry goes out at once:
+        on a healthy slot a hang is one request's bad luck, and retrying it last would
+        leave a tail at the end of the crawl. Later ones go behind fresh work
+        (DEADLINE_RETRY_PRIORITY_ADJUST), so repeat offenders cannot starve a pool."""
+        if (self.prompt_first and isinstance(exception, DeadlineExceeded)
+                and not request.meta.get(RETRY_COUNT_KEY)):
+            return 0
+        return self.priority_adjust
+
+    def _copy(self, request: Request, adjust: int) -> Request:
         new = request.copy()
         new.dont_filter = True
-        new.priority = request.priority + self.priority_adjust
+        new.priority = request.priority + adjust
         return new
 
     def _below_ceiling(self, request: Request) -> bool:

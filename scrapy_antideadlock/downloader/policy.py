@@ -66,7 +66,7 @@ class DeadlinePolicy:
         return timeout, lend_after
 
     def transfer_timeout(self, key: str, retries: int, user_timeout: float | None = None,
-                         full: bool = False) -> float:
+                         full: bool = False, lease_retries: int = 0) -> float:
         """T for this attempt, at most the ceiling (the user's own timeout, else MAX).
 
         The user's timeout is also the value until the slot is warm, and the whole of it on
@@ -74,7 +74,9 @@ class DeadlinePolicy:
         answers in time, so the cut was this request's hang, not slowness, and a longer
         deadline would only lengthen the crawl's tail (a slot that really slowed down
         raises T itself through its censored samples). On a cold slot each retry gets
-        DEADLINE_RETRY_BACKOFF times more.
+        DEADLINE_RETRY_BACKOFF times more. So does a request that timed out waiting for a
+        proxy (``lease_retries``): it never reached the site, and hung holders of the pool
+        must not starve it of its lease retries.
         """
         ceiling = user_timeout or self.policy.maximum
         if full and user_timeout:
@@ -84,8 +86,9 @@ class DeadlinePolicy:
         if user_timeout and not warm:
             timeout = user_timeout  # not warm yet: the user's value, not INITIAL
         timeout = min(timeout, ceiling)
-        if retries and not warm:
-            timeout = min(timeout * self.retry_backoff ** retries, ceiling)
+        backoff = (0 if warm else retries) + lease_retries
+        if backoff:
+            timeout = min(timeout * self.retry_backoff ** backoff, ceiling)
         return timeout
 
     def queue_allowance(self, slot: Any, key: str, transfer: float) -> float:
