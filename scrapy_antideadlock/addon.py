@@ -82,6 +82,12 @@ COMPONENTS: list[Component] = [
               "ANTIDEADLOCK_ENABLED", ("redis",),
               lambda s: bool(ad_settings.get(s, "ANTIDEADLOCK_FLEET_REDIS_URL")),
               ("ANTIDEADLOCK_FLEET_REDIS_URL",)),
+    # ---- lifecycle (preemption anywhere) ----
+    # Closest to the engine (lowest number): its output wrapper sees every element last,
+    # and its process_spider_exception is the last one asked.
+    Component("SPIDER_MIDDLEWARES", "scrapy_antideadlock.lifecycle.LifecycleSpiderMiddleware",
+              5, "ANTIDEADLOCK_LIFECYCLE_ENABLED",
+              asyncio_for=("ANTIDEADLOCK_LIFECYCLE_ENABLED",)),
 ]
 
 def _use_safe_playwright(settings: Any) -> None:
@@ -110,9 +116,27 @@ def _wrap_download_handlers(settings: Any) -> None:
     configure_download_handlers(settings)
 
 
+def _use_lifecycle_seams(settings: Any) -> None:
+    """Track and preempt requests in middlewares and items in pipelines, unless the
+    project has its own DOWNLOADER / ITEM_PROCESSOR (theirs win; logged)."""
+    if not ad_settings.get(settings, "ANTIDEADLOCK_LIFECYCLE_ENABLED"):
+        return
+    from scrapy.settings import SETTINGS_PRIORITIES
+
+    seams = {"DOWNLOADER": "scrapy_antideadlock.lifecycle.LifecycleDownloader",
+             "ITEM_PROCESSOR": "scrapy_antideadlock.lifecycle.LifecycleItemProcessor"}
+    for name, path in seams.items():
+        if (settings.getpriority(name) or 0) > SETTINGS_PRIORITIES["default"]:
+            logger.info("scrapy-antideadlock: %s is the project's own (%s); work stuck there "
+                        "cannot be preempted", name, settings.get(name))
+            continue
+        settings.set(name, path, priority="addon")
+
+
 # Functions that adjust settings beyond a dict entry. Order matters: the Playwright swap
 # runs first, so the guard then wraps the safe handler.
-CONFIGURERS: list[Callable[[Any], None]] = [_use_safe_playwright, _wrap_download_handlers]
+CONFIGURERS: list[Callable[[Any], None]] = [_use_safe_playwright, _wrap_download_handlers,
+                                            _use_lifecycle_seams]
 
 
 class Addon:

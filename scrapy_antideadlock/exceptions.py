@@ -53,4 +53,18 @@ class ProxyLeaseTimeout(AntiDeadlockError):
                          f"after {waited:.2f}s")
 
 
+class Preempted(AntiDeadlockError):
+    """Recovery preempted this unit of work where it waited (a middleware, callback or
+    pipeline past its lifecycle deadline during a stall, or a deadlock's victim).
+
+    An item preempted in a pipeline ends with this error after it was dead-lettered.
+    """
+
+    def __init__(self, reason: str, *, stage: str = "") -> None:
+        self.reason = reason
+        self.stage = stage
+        where = f" in {stage}" if stage else ""
+        super().__init__(f"preempted{where}: {reason}")
+
+
 RETRYABLE = (DeadlineExceeded, ProxyLeaseTimeout)

@@ -145,6 +145,7 @@ class HealthExtension:
             self.metrics = _metrics_collector(crawler, self)
         self.last_status: dict[str, Any] = {}
         context_for(crawler).put("health", self)
+        context_for(crawler).put("notifier", self.notifier)  # recovery says STOPPING on exit
         crawler.signals.connect(self.engine_started, signal=signals.engine_started)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self.engine_stopped, signal=signals.engine_stopped)

@@ -31,6 +31,7 @@ from typing import Any
 from scrapy import Request, signals
 from scrapy.crawler import Crawler
 from scrapy.exceptions import IgnoreRequest, NotConfigured
+from scrapy.utils.project import data_path
 from scrapy.utils.request import request_from_dict
 
 from . import metakeys
@@ -40,7 +41,7 @@ from .context import context_for
 from .identity import strip_credentials
 from .origin import JOURNAL_KEY, origins_for
 from .primitives.deadletter import DeadLetterStore
-from .primitives.journal import Journal
+from .primitives.journal import Journal, JournalLocked
 from .reactor import require_asyncio_reactor
 
 logger = logging.getLogger(__name__)
@@ -62,16 +63,20 @@ def journal_for(crawler: Crawler) -> RequestJournal | None:
     return context_for(crawler).get("journal")
 
 
-def journal_dir(settings: Any) -> Path:
-    """The journal directory from the settings (explicit, else under JOBDIR)."""
+def journal_dir(settings: Any, spider_name: str | None = None) -> Path:
+    """The journal directory: the setting, else under JOBDIR, else per spider in the
+    project's ``.scrapy/`` folder (where Scrapy keeps HTTPCACHE_DIR)."""
     conf = ad_settings.load(settings, "journal")
     if conf.dir:
         return Path(conf.dir)
     jobdir = settings.get("JOBDIR")
     if jobdir:
         return Path(jobdir) / "antideadlock-journal"
-    raise ad_settings.SettingError("ANTIDEADLOCK_JOURNAL_DIR", "a directory path (or set JOBDIR)",
-                                   None, "the journal is enabled but has no directory")
+    return Path(data_path(f"antideadlock/{spider_name or 'default'}"))
+
+
+def _is_default_dir(settings: Any) -> bool:
+    return not ad_settings.get(settings, "ANTIDEADLOCK_JOURNAL_DIR") and not settings.get("JOBDIR")
 
 
 class RequestJournal:
@@ -84,11 +89,15 @@ class RequestJournal:
         require_asyncio_reactor("RequestJournal", crawler.settings)
         self.crawler = crawler
         self.conf = conf
-        self.directory = journal_dir(crawler.settings)
+        default_dir = _is_default_dir(crawler.settings)
+        self.directory = journal_dir(crawler.settings, getattr(crawler.spidercls, "name", None))
         self.jobdir = crawler.settings.get("JOBDIR")
         self.journal = Journal(self.directory, fsync=conf.fsync,
                                fsync_interval=conf.fsync_interval,
-                               lock_timeout=conf.lock_timeout,
+                               # the default directory is shared by every run of the spider:
+                               # a second concurrent run goes on without a journal, at once
+                               lock_timeout=min(conf.lock_timeout, 1.0) if default_dir
+                               else conf.lock_timeout,
                                compact_min_bytes=conf.compact_min_bytes, autoflush=False)
         self.stats = crawler.stats
         self._run = secrets.token_hex(3)
@@ -105,7 +114,14 @@ class RequestJournal:
         self.unreplayable: list[str] = []
         # Lock and read now, so a locked or unreadable journal stops the crawl at start
         # with a named error (JournalLocked) instead of crawling without a journal.
-        self._state = self.journal.open()
+        try:
+            self._state = self.journal.open()
+        except JournalLocked as exc:
+            if not default_dir:
+                raise
+            logger.warning("antideadlock journal: %s (another run of this spider?); this run "
+                           "goes on without a journal. Set ANTIDEADLOCK_JOURNAL_DIR per run.", exc)
+            raise NotConfigured("journal directory locked by another run") from None
         last = self._state.markers[-1] if self._state.markers else {}
         #: The previous run on this journal ended without a clean close (kill, hard exit).
         self.previous_crashed = self._state.records > 0 and not last.get("clean")
@@ -315,6 +331,10 @@ class RequestJournal:
         """fsync now (before a close or a hard exit); return how many requests are pending."""
         if self.journal.is_open:
             self.journal.sync()
+        return len(self.journal.pending_keys())
+
+    def pending_count(self) -> int:
+        """How many requests are pending (scheduled, not done)."""
         return len(self.journal.pending_keys())
 
     def save_from_thread(self) -> None:

@@ -54,6 +54,8 @@ class LoopMonitor:
         self.clock = time.monotonic
         self._blocked_callbacks: list[Callback] = []
         self._unblocked_callbacks: list[Callback] = []
+        self._late_callbacks: list[tuple[float, Callback]] = []  # (after seconds, fn)
+        self._late_called: set[int] = set()  # ids of late callbacks run this episode
         self._lock = threading.Lock()
         self._lags: deque[float] = deque(maxlen=lag_samples)
         self._max_lag = 0.0
@@ -73,9 +75,14 @@ class LoopMonitor:
         self.thread_cpu = 0.0  # CPU seconds the monitor thread used (its own overhead)
 
     # ------------------------------------------------------------------ callbacks
-    def add_blocked_callback(self, fn: Callback) -> None:
-        """``fn(info)`` runs on the monitor thread once per blocked episode."""
-        self._blocked_callbacks.append(fn)
+    def add_blocked_callback(self, fn: Callback, after: float | None = None) -> None:
+        """``fn(info)`` runs on the monitor thread once per blocked episode: when the loop
+        has been blocked for ``threshold`` seconds, or for ``after`` seconds if given
+        (e.g. recovery's exit deadline; ``info["blocked_for"]`` is the age then)."""
+        if after is None or after <= self.threshold:
+            self._blocked_callbacks.append(fn)
+        else:
+            self._late_callbacks.append((after, fn))
 
     def add_unblocked_callback(self, fn: Callback) -> None:
         """``fn(info)`` runs on the monitor thread when the loop beats again."""
@@ -192,12 +199,21 @@ class LoopMonitor:
                 self.last_episode = info
                 logger.debug("event loop blocked for %.2fs", age)
                 self._call(self._blocked_callbacks, info)
+            if self.blocked and age >= self.threshold:
+                self._call_late(age)
             elif self.blocked and age < self.threshold:
+                self._late_called.clear()
                 self.blocked = False
                 duration = now - age - block_started
                 self.longest_block = max(self.longest_block, duration)
                 self._call(self._unblocked_callbacks,
                            {"blocked_for": duration, "episode": self.episodes})
+
+    def _call_late(self, age: float) -> None:
+        for after, fn in list(self._late_callbacks):
+            if age >= after and id(fn) not in self._late_called:
+                self._late_called.add(id(fn))
+                self._call([fn], {**(self.last_episode or {}), "blocked_for": age})
 
     def _sample_cpu(self, now: float) -> None:
         try:

@@ -433,10 +433,12 @@ _define("watchdog", "WATCHDOG_CHURN_STATS", ["downloader/request_count", "retry/
 
 # ---- journal / health (watchdog part 2) -----------------------------------------------------
 # (section owned by the journal and liveness outputs)
-_define("journal", "JOURNAL_ENABLED", False, as_bool, "a boolean",
-        "Crash-safe request journal: resume after SIGKILL/os._exit without losing a request.")
+_define("journal", "JOURNAL_ENABLED", True, as_bool, "a boolean",
+        "Crash-safe request journal: resume after SIGKILL/os._exit/a stall without losing "
+        "a request (on by default: it is where recovery leaves pending work).")
 _define("journal", "JOURNAL_DIR", None, optional_text, "a directory path or None",
-        "Journal directory (like JOBDIR); None = <JOBDIR>/antideadlock-journal.")
+        "Journal directory; None = <JOBDIR>/antideadlock-journal, else the project's "
+        ".scrapy/antideadlock/<spider name>/ (like HTTPCACHE_DIR).")
 _define("journal", "JOURNAL_FSYNC", "interval", one_of("always", "interval", "never"),
         "always, interval or never",
         "When to fsync: every record, every FSYNC_INTERVAL, or never (process crashes are "
@@ -462,10 +464,11 @@ _define("health", "HEALTH_HTTP_PORT", None, optional_non_negative_int, "a port (
         "127.0.0.1:PORT from an off-loop thread (None = off).")
 _define("health", "HEALTH_LOOP_BLOCKED_AFTER", 5.0, positive_float, "seconds > 0",
         "Report unhealthy when the event loop has not run for this long.")
-_define("recovery", "RECOVERY_LEVEL", "close", one_of("off", "recover", "close", "exit"),
+_define("recovery", "RECOVERY_LEVEL", "exit", one_of("off", "recover", "close", "exit"),
         "off, recover, close or exit",
-        "How far the escalation ladder goes: cancel+requeue only, + close the spider, "
-        "+ exit hard when the close hangs (and when the loop stays blocked).")
+        "How far the escalation ladder goes: preempt+requeue only, + close the spider, "
+        "+ exit hard when the close hangs (and when the loop stays blocked). Only 'exit' "
+        "bounds every stall.")
 _define("recovery", "RECOVERY_MAX_REQUEUES", 2, non_negative_int, "an integer >= 0",
         "Requeues per request after a cancel; past this the request is quarantined.")
 _define("recovery", "RECOVERY_GRACE", 30.0, positive_float, "seconds > 0",
@@ -475,8 +478,19 @@ _define("recovery", "RECOVERY_CLOSE_DEADLINE", 30.0, positive_float, "seconds > 
 _define("recovery", "RECOVERY_BLOCKED_LOOP_EXIT_AFTER", 60.0, positive_float, "seconds > 0",
         "Exit hard (level 'exit') when the event loop stays blocked this long.")
 _define("recovery", "RECOVERY_QUARANTINE_FILE", None, optional_text, "a file path or None",
-        "JSONL file of quarantined requests; None = <journal dir>/quarantine.jsonl, else "
-        "<JOBDIR>/antideadlock-quarantine.jsonl, else only logged.")
+        "JSONL file of quarantined requests; None = quarantine.jsonl in the journal "
+        "directory (or where it would be when the journal is off).")
+_define("recovery", "RECOVERY_DEAD_LETTER_FILE", None, optional_text, "a file path or None",
+        "JSONL file of items preempted in a pipeline (with the reason); None = "
+        "deadletter.jsonl in the journal directory (or where it would be).")
+_define("lifecycle", "LIFECYCLE_ENABLED", True, as_bool, "a boolean",
+        "Track each request's stage (middlewares, queue, download, callback, pipelines) so "
+        "recovery can preempt it wherever it waits (sets DOWNLOADER and ITEM_PROCESSOR when "
+        "they are Scrapy's own).")
+_define("lifecycle", "LIFECYCLE_DEADLINE", None, optional_positive_float,
+        "seconds > 0 or None",
+        "During a stall, work that stayed this long in one stage is preempted; None = the "
+        "watchdog's stall window.")
 
 
 # ---- fleet (Redis: shared proxy leases, reliable scrapy-redis queue) ----------------------

@@ -207,6 +207,13 @@ WATCHDOG_CLOSE_TIMEOUTS = _stat("watchdog/close_timeouts",
                                 "Closes that did not finish within the close deadline.")
 WATCHDOG_HARD_EXITS = _stat("watchdog/hard_exits/{reason}",
                             "Hard exits (os._exit) by reason: close_timeout, blocked_loop.")
+LIFECYCLE_PREEMPTED = _stat("lifecycle/preempted/{stage}",
+                            "Units of work preempted by recovery, by lifecycle stage.")
+LIFECYCLE_DEAD_LETTERED = _stat("lifecycle/dead_lettered",
+                                "Items preempted in a pipeline and written to the dead-letter "
+                                "file with their reason.")
+LIFECYCLE_VICTIMS = _stat("lifecycle/victims",
+                          "Deadlock victims aborted so the rest could proceed.")
 
 # ---- fleet -------------------------------------------------------------------------------
 # (section owned by the fleet package)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import scrapy
+from scrapy.exceptions import NotConfigured
 from scrapy.utils.test import get_crawler
 
 from scrapy_antideadlock.identity import request_id
@@ -114,13 +115,19 @@ async def test_unserialisable_requests_are_reported_at_the_next_start(tmp_path):
                for r in reported)
 
 
-def test_bad_settings_fail_at_start_naming_the_setting(tmp_path):
+def test_bad_settings_fail_at_start_naming_the_setting(tmp_path, monkeypatch):
     with pytest.raises(SettingError, match="ANTIDEADLOCK_RECOVERY_LEVEL"):
         Recovery.from_crawler(get_crawler(settings_dict={
             "ANTIDEADLOCK_RECOVERY_LEVEL": "sometimes"}))
-    with pytest.raises(SettingError, match="ANTIDEADLOCK_JOURNAL_DIR"):
-        RequestJournal.from_crawler(get_crawler(settings_dict={
-            "ANTIDEADLOCK_JOURNAL_ENABLED": True}))
+    # no directory configured: per spider under .scrapy/ (like HTTPCACHE_DIR); a second
+    # concurrent run of the same spider goes on without a journal instead of failing
+    monkeypatch.chdir(tmp_path)
+    default = RequestJournal.from_crawler(get_crawler(settings_dict={}))
+    assert default.directory.resolve() == (tmp_path / ".scrapy" / "antideadlock"
+                                           / "default").resolve()
+    with pytest.raises(NotConfigured):
+        RequestJournal.from_crawler(get_crawler(settings_dict={}))
+    default.journal.close()
     with pytest.raises(SettingError, match="ANTIDEADLOCK_JOURNAL_FSYNC"):
         RequestJournal.from_crawler(get_crawler(settings_dict={
             "ANTIDEADLOCK_JOURNAL_ENABLED": True, "ANTIDEADLOCK_JOURNAL_DIR": str(tmp_path),

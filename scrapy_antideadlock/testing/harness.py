@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -121,6 +122,24 @@ def _describe_inflight(crawler: Crawler) -> str:
     return "\n".join(lines)
 
 
+def _isolated(settings: dict[str, Any], directory: str | os.PathLike[str] | None = None,
+              *, in_process: bool = False) -> dict[str, Any]:
+    """Give a test crawl its own journal directory unless it chose one (or JOBDIR).
+
+    The journal is on by default in ``.scrapy/antideadlock/<spider>/`` of the working
+    directory; test crawls of one spider class must not resume each other's work. A crawl
+    in the test's own process must never exit it: unless the test chose a recovery level,
+    it stops at "close" (a close that hangs then fails the test by its time bound).
+    """
+    if in_process and "ANTIDEADLOCK_RECOVERY_LEVEL" not in settings:
+        settings = {**settings, "ANTIDEADLOCK_RECOVERY_LEVEL": "close"}
+    if settings.get("ANTIDEADLOCK_JOURNAL_DIR") or settings.get("JOBDIR"):
+        return settings
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="antideadlock-journal-")
+    return {**settings, "ANTIDEADLOCK_JOURNAL_DIR": str(directory)}
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # mark as retrieved: a background stop may fail noisily
@@ -128,7 +147,8 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 async def _run_crawl(spider_cls: type[Spider], settings: dict[str, Any] | None, timeout: float,
                      expect_hang: bool, spider_kwargs: dict[str, Any]) -> CrawlResult:
-    crawler = get_crawler(spider_cls, {**TEST_DEFAULTS, **(settings or {})})
+    crawler = get_crawler(spider_cls, _isolated({**TEST_DEFAULTS, **(settings or {})},
+                                                in_process=True))
     result = CrawlResult(crawler=crawler)
 
     def on_item(item: Any, **kw: Any) -> None:
@@ -321,7 +341,8 @@ def run_crawl_subprocess(spider: str | type[Spider], settings: dict[str, Any] | 
     old = child_env.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")
     child_env["PYTHONPATH"] = os.pathsep.join([*extra, *([old] if old else [])])
     cmd = [sys.executable, "-m", "scrapy_antideadlock.testing.runcrawl", "--spider", spider,
-           "--items", str(items), "--settings", json.dumps(settings or {}),
+           "--items", str(items),
+           "--settings", json.dumps(_isolated(settings or {}, items.parent / "journal")),
            "--spider-kwargs", json.dumps(spider_kwargs or {})]
     with open(log, "ab") as log_file:
         popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
