@@ -34,6 +34,9 @@ _LOSS = {"middleware:process_request": 0, "middleware:process_response": 1,
 class Victim:
     unit: Unit
     why: str
+    #: "holder" or "hold_and_wait": aborting it frees what others wait for; "least_loss":
+    #: nobody is known to hold anything (independent waits, not a cycle)
+    kind: str = "holder"
 
 
 def _holds_by_unit(units: Sequence[Unit], stuck: Iterable[Any]) -> dict[int, list[str]]:
@@ -74,7 +77,7 @@ def choose_victim(units: Sequence[Unit], stuck: Iterable[Any] = ()) -> Victim | 
     if waiting:
         unit = max(waiting, key=lambda u: u.started)
         return Victim(unit, f"youngest of {len(waiting)} component call(s) that await a "
-                      f"download inside {unit.component} (hold and wait)")
+                      f"download inside {unit.component} (hold and wait)", "hold_and_wait")
     unit = min(candidates, key=lambda u: (_LOSS[u.stage], -u.started))
     return Victim(unit, f"no holder known; least work lost ({unit.stage}, "
-                  f"youngest of {len(candidates)})")
+                  f"youngest of {len(candidates)})", "least_loss")

@@ -32,7 +32,8 @@ EXIT_BLOCKED_LOOP = 76
 #: Every exit code of the pack, what it means and what to do (the README table).
 EXIT_CODES: dict[int, tuple[str, str]] = {
     EXIT_CLOSE_TIMEOUT: ("a stall was detected, its work preempted, and the spider close "
-                         "still did not finish within RECOVERY_CLOSE_DEADLINE",
+                         "still did not finish within RECOVERY_CLOSE_DEADLINE (or the process "
+                         "could not exit that long after it)",
                          "restart: the journal resumes the crawl"),
     EXIT_BLOCKED_LOOP: ("the event loop stayed blocked past RECOVERY_BLOCKED_LOOP_EXIT_AFTER",
                         "restart; read the logged stack (a blocking call in a callback or "

@@ -132,6 +132,17 @@ class Recovery:
         self.closed.set()
         self._stop_timers()
         self.ctx.remove("recovery", self)
+        if self.closing and self.level >= LEVELS.index("exit"):
+            # The close completed (stats, feeds, journal), but threads that never return
+            # (a starved thread pool) would keep the interpreter from exiting: bound that too.
+            timer = threading.Timer(self.conf.close_deadline, self._exit_timeout)
+            timer.daemon = True
+            timer.start()
+
+    def _exit_timeout(self) -> None:
+        hard_exit(self.crawler, EXIT_CLOSE_TIMEOUT, "exit_timeout",
+                  f"the spider closed but the process did not exit within "
+                  f"{self.conf.close_deadline:.0f}s (threads that never return)")
 
     def _stop_timers(self) -> None:
         for name in ("_episode_timer", "_close_timer", "_sweep_timer"):
@@ -211,19 +222,20 @@ class Recovery:
         deadline = self.lifecycle_deadline or episode["window"]
         declared = stall_class == "deadlock" or bool(diagnosis.get("cycle"))
         if declared or self._all_in_process():
-            # a total wait: abort one victim per step so the rest proceed
+            # a total wait: if someone holds what the others wait for, abort one victim per
+            # step so the rest proceed (independent waits are preempted below instead)
             what = "deadlock" if declared else "total wait (nothing on the network)"
             units = [u for u in self.tracker.units() if u.age >= deadline / 2]
-            victim = choose_victim(units, diagnosis.get("units") and getattr(
-                diagnosis, "units", ()) or ())
-            if victim is not None and self.tracker.cancel(
-                    victim.unit, f"{stall_class}: victim of a {what}: {victim.why}"):
-                self.stats.inc_value(ad_stats.LIFECYCLE_VICTIMS)
-                logger.error("antideadlock recovery: %s victim: %s at %s (%s): %s", what,
-                             getattr(victim.unit.request, "url", "an item"), victim.unit.stage,
-                             victim.unit.component, victim.why)
-                return done + 1
-            return done
+            victim = choose_victim(units, getattr(diagnosis, "units", None) or ())
+            if victim is not None and victim.kind != "least_loss":
+                if self.tracker.cancel(victim.unit,
+                                       f"{stall_class}: victim of a {what}: {victim.why}"):
+                    self.stats.inc_value(ad_stats.LIFECYCLE_VICTIMS)
+                    logger.error("antideadlock recovery: %s victim: %s at %s (%s): %s", what,
+                                 getattr(victim.unit.request, "url", "an item"),
+                                 victim.unit.stage, victim.unit.component, victim.why)
+                    return done + 1
+                return done
         for unit in self.tracker.units():
             if unit.stage in _PREEMPTIBLE and unit.age >= deadline and self.tracker.cancel(
                     unit, f"{stall_class}: {unit.age:.0f}s in {unit.stage}, past the "

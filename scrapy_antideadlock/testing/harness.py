@@ -342,7 +342,9 @@ def run_crawl_subprocess(spider: str | type[Spider], settings: dict[str, Any] | 
     child_env["PYTHONPATH"] = os.pathsep.join([*extra, *([old] if old else [])])
     cmd = [sys.executable, "-m", "scrapy_antideadlock.testing.runcrawl", "--spider", spider,
            "--items", str(items),
-           "--settings", json.dumps(_isolated(settings or {}, items.parent / "journal")),
+           # a crawl in its own working directory keeps the journal's true default there
+           "--settings", json.dumps(settings or {} if cwd is not None
+                                    else _isolated(settings or {}, items.parent / "journal")),
            "--spider-kwargs", json.dumps(spider_kwargs or {})]
     with open(log, "ab") as log_file:
         popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
