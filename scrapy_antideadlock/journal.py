@@ -86,6 +86,10 @@ class RequestJournal:
         conf = ad_settings.load(crawler.settings, "journal")
         if not conf.enabled or not ad_settings.get(crawler.settings, "ANTIDEADLOCK_ENABLED"):
             raise NotConfigured("ANTIDEADLOCK_JOURNAL_ENABLED is off")
+        if crawler.settings.get("ANTIDEADLOCK_JOURNAL_ENABLED") is None and ad_settings.get(
+                crawler.settings, "ANTIDEADLOCK_FLEET_REDIS_URL"):
+            raise NotConfigured("fleet mode: the shared queue keeps pending work (set "
+                                "ANTIDEADLOCK_JOURNAL_ENABLED to have a journal too)")
         require_asyncio_reactor("RequestJournal", crawler.settings)
         self.crawler = crawler
         self.conf = conf

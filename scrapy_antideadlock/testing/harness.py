@@ -344,7 +344,8 @@ def run_crawl_subprocess(spider: str | type[Spider], settings: dict[str, Any] | 
            "--items", str(items),
            # a crawl in its own working directory keeps the journal's true default there
            "--settings", json.dumps(settings or {} if cwd is not None
-                                    else _isolated(settings or {}, items.parent / "journal")),
+                                    else _isolated(settings or {},
+                                                   items.with_name(items.name + ".journal"))),
            "--spider-kwargs", json.dumps(spider_kwargs or {})]
     with open(log, "ab") as log_file:
         popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
