@@ -20,10 +20,10 @@ from typing import Any
 
 from . import CompatError, require
 
-__all__ = ["SUPPORTED", "attach_page_event_handlers", "check", "context_wrapper",
-           "encode_body", "installed_version", "is_safe_close_error", "maybe_await",
-           "page_content", "request_logger", "response_logger", "run_page_init_callback",
-           "set_redirect_meta", "target_closed_error"]
+__all__ = ["SUPPORTED", "CompatError", "check", "context_wrapper", "default_context_name",
+           "encode_body", "installed_version", "maybe_await", "missing_names", "page_content",
+           "persistent_context_key", "request_logger", "response_logger", "set_redirect_meta",
+           "target_closed_error"]
 
 # scrapy-playwright versions this pack was verified with (also the ``playwright`` extra)
 SUPPORTED = ((0, 0, 48), (0, 0, 49))  # [low, high)
@@ -52,9 +52,7 @@ HANDLER_METHODS: dict[str, tuple[str, ...]] = {
     "_set_stats_max_concurrent_context_count": (),
     "_close": (),
 }
-UTILS = ("_attach_page_event_handlers", "_encode_body", "_get_page_content",
-         "_is_safe_close_error", "_maybe_await", "_maybe_execute_page_init_callback",
-         "_set_redirect_meta")
+UTILS = ("_encode_body", "_get_page_content", "_maybe_await", "_set_redirect_meta")
 HANDLER_NAMES = ("BrowserContextWrapper", "Config", "DEFAULT_CONTEXT_NAME",
                  "PERSISTENT_CONTEXT_PATH_KEY", "_make_request_logger", "_make_response_logger")
 
@@ -161,10 +159,6 @@ def response_logger(context_name: str, spider: Any) -> Any:
     return _handler_module()._make_response_logger(context_name, spider)
 
 
-def attach_page_event_handlers(page: Any, request: Any, spider: Any, context_name: str) -> None:
-    _utils()._attach_page_event_handlers(page=page, request=request, spider=spider,
-                                         context_name=context_name)
-
 
 def encode_body(headers: Any, text: str) -> tuple[bytes, str]:
     return _utils()._encode_body(headers=headers, text=text)
@@ -180,18 +174,7 @@ async def maybe_await(obj: Any) -> Any:
     return await _utils()._maybe_await(obj)
 
 
-async def run_page_init_callback(page: Any, request: Any, context_name: str,
-                                 spider: Any) -> None:
-    await _utils()._maybe_execute_page_init_callback(page=page, request=request,
-                                                     context_name=context_name, spider=spider)
-
 
 async def set_redirect_meta(request: Any, response: Any) -> None:
     await _utils()._set_redirect_meta(request=request, response=response)
 
-
-def is_safe_close_error(error: Exception) -> bool:
-    return _utils()._is_safe_close_error(error)
-
-
-__all__ += ["CompatError", "default_context_name", "missing_names", "persistent_context_key"]

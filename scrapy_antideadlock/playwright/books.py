@@ -151,12 +151,6 @@ class Books:
         self.inc(ad_stats.PW_CONTEXTS_OPENED)
         return ctx
 
-    def entry_of(self, context: Any) -> ContextEntry | None:
-        for ctx in self.contexts.values():
-            if ctx.context is context:
-                return ctx
-        return None
-
     def forget_context(self, ctx: ContextEntry, reason: str | None) -> bool:
         """Book a context as closed (once): its pages are gone, its leases returned."""
         if ctx.closed:
