@@ -628,6 +628,7 @@ def test_http_and_https_share_one_browser(share: bool) -> None:
     http = SafePlaywrightDownloadHandler.from_crawler(crawler)
     https = SafePlaywrightDownloadHandler.from_crawler(crawler)
     assert (https.primary is http) is share
+    assert (https.context_wrappers is http.context_wrappers) is share
     contexts = [p for p in context_for(crawler).registry.pools() if p.kind == "context"]
     assert len(contexts) == (1 if share else 2)
 

@@ -85,6 +85,14 @@ class SafePlaywrightDownloadHandler(UpstreamMirror):
         crawler.signals.connect(self.books.on_dropped, signal=signals.request_dropped)
         crawler.signals.connect(self._on_spider_closed, signal=signals.spider_closed)
 
+    def __getattr__(self, name: str) -> Any:
+        """The other scheme's handler shows the shared browser as its own (read only)."""
+        primary = self.__dict__.get("primary")
+        if name in ("browser", "browser_provider", "browser_pid") and primary is not None \
+                and primary is not self:
+            return getattr(primary, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # ------------------------------------------------------------------ lifecycle
     async def _launch(self) -> None:
         if self.primary is not self:
