@@ -347,6 +347,29 @@ async def test_hanging_evaluate_and_navigation_fail_at_their_bound(
         assert stats[ad_stats.family(FORCE, reason="timeout")] == 2
 
 
+async def hang_forever(page: Any, request: Any) -> None:
+    """A page-init callback that never returns (scrapy-playwright awaits it unbounded)."""
+    await asyncio.Event().wait()
+
+
+@deferred_f_from_coro_f
+async def test_whole_download_ends_by_the_deadline(chromium: str, make_fault_site: Any) -> None:
+    """What scrapy-playwright awaits without a call of ours around it (here the page-init
+    callback) still ends by the request's deadline + the close bound; the page is closed."""
+    site = make_fault_site(pages=1)
+    async with started(SafePlaywrightDownloadHandler,
+                       ANTIDEADLOCK_PLAYWRIGHT_CLOSE_TIMEOUT=1) as handler:
+        with pytest.raises(PlaywrightCallTimeout) as info:
+            await asyncio.wait_for(handler.download_request(req(
+                site.url("/item/k00000"), download_timeout=2,
+                playwright_page_init_callback=hang_forever)), 20)
+        assert info.value.call == "download"
+        assert (await browser_counts(live_browser(handler)))[0] == 0
+        stats = handler.stats.get_stats()
+        assert stats[ad_stats.family(ad_stats.PW_CALL_TIMEOUTS, call="download")] == 1
+        assert stats[ad_stats.family(FORCE, reason="timeout")] == 1
+
+
 async def context_lock_scenario(handler: Any, site: Any) -> tuple[Any, Any, Any]:
     """Context "a" holds a page; "b" waits for the only context slot; then "a" is asked again."""
     first = await asyncio.wait_for(handler.download_request(req(

@@ -209,9 +209,9 @@ class SafePlaywrightDownloadHandler(UpstreamMirror):
         download.expired = True
         task.cancel()
         await asyncio.wait({task}, timeout=grace + 1.0)
-        self.calls.timed_out(download.call)
-        raise PlaywrightCallTimeout(download.call, time.monotonic() - started,
-                                    download.request.url)
+        self.calls.timed_out("download")
+        exc = PlaywrightCallTimeout("download", time.monotonic() - started, download.request.url)
+        raise attach_info(exc, last_call=download.call)
 
     async def _download_request_with_retry(self, request: Any, spider: Any) -> Any:
         download = CURRENT.get()
