@@ -22,26 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime as _dt
-import decimal
 import itertools
-import json
 import logging
-import threading
 import time
-import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from itemadapter import ItemAdapter
 from psycopg import sql
 from psycopg.pq import TransactionStatus
-from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool import AsyncConnectionPool
 
 from .. import stats as ad_stats
 from ..primitives.batching import (
@@ -54,295 +45,22 @@ from ..primitives.batching import (
 )
 from ..primitives.deadletter import DeadLetterStore
 from ..primitives.deadline import LatencyHistogram
-from ..primitives.registry import HolderInfo, PoolSnapshot, WaiterInfo
 from .config import TableSpec, redact_dsn, scrub
+from .rows import (
+    _ROW_LEVEL,
+    STORED,
+    BadItem,
+    Outcome,
+    PgConfigError,
+    Table,
+    classify,
+    resolve_table,
+)
+from .support import EngineOptions, PgPoolView, Stats
 
 logger = logging.getLogger(__name__)
 
-#: SQLSTATEs worth retrying (docs/pipeline.md): deadlock, lock timeout, statement timeout /
-#: cancel, serialization failure, admin/crash shutdown, cannot connect now,
-#: idle-in-transaction timeout. Never 21000 (a duplicate key in one statement: dedupe).
-RETRY_SQLSTATES = frozenset({"40P01", "55P03", "57014", "40001", "57P01", "57P02", "57P03",
-                             "25P03"})
-_CONNECTION_CLASS = "08"
-#: SQLSTATE classes a single bad row can cause (data exception, integrity violation):
-#: only these split a batch to isolate the row. Others (undefined table, permission)
-#: fail every row alike, so the whole batch is parked at once.
-_ROW_LEVEL = frozenset({"22", "23", ""})
-
-
-class PgConfigError(ValueError):
-    """The database does not match the configuration; the message names the setting."""
-
-
-class Stats:
-    """Minimal stats sink (Scrapy's StatsCollector has the same three methods)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def inc_value(self, key: str, count: int = 1, start: int = 0) -> None:
-        self.values[key] = self.values.get(key, start) + count
-
-    def set_value(self, key: str, value: Any) -> None:
-        self.values[key] = value
-
-    def max_value(self, key: str, value: Any) -> None:
-        self.values[key] = max(self.values.get(key, value), value)
-
-    def get_value(self, key: str, default: Any = None) -> Any:
-        return self.values.get(key, default)
-
-
-@dataclass
-class EngineOptions:
-    """Engine knobs; the pipeline fills them from the pg settings (same names)."""
-
-    batch_size: int = 1000
-    max_delay: float = 0.1
-    capacity: int = 10000
-    pool_size: int = 4
-    acquire_timeout: float = 5.0
-    max_waiting: int = 16
-    lock_timeout: float = 2.0
-    statement_timeout: float = 30.0
-    idle_in_transaction_timeout: float = 60.0
-    max_attempts: int = 6
-    retry_budget: float = 30.0  # seconds per batch, retries included
-    backoff_base: float = 0.05
-    backoff_max: float = 2.0
-    close_timeout: float = 30.0
-    create_tables: bool = False
-    connect_timeout: float = 10.0
-    eager_flush: bool = True  # commit mode: items wait, so flush right after a flush
-    name: str = "pg"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one item: stored, or parked with a reason."""
-
-    stored: bool
-    reason: str = ""
-    detail: str = ""
-
-
-STORED = Outcome(True)
-
-
-class BadItem(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}")
-
-
-def classify(exc: BaseException) -> str | None:
-    """A retry label for a transient failure (SQLSTATE or a name), else None."""
-    if isinstance(exc, TooManyRequests):
-        return "pool_full"
-    if isinstance(exc, PoolTimeout):
-        return "pool_timeout"
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "client_timeout"
-    if isinstance(exc, psycopg.Error):
-        code = exc.sqlstate
-        if code in RETRY_SQLSTATES:
-            return code
-        if code and code.startswith(_CONNECTION_CLASS):
-            return code
-        if code is None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-            return "connection"
-    return None
-
-
-_SCALARS = (str, int, float, bool, decimal.Decimal, _dt.date, _dt.time, _dt.timedelta,
-            uuid.UUID, bytes, type(None))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (_dt.date, _dt.time)):
-        return value.isoformat()
-    if isinstance(value, (decimal.Decimal, uuid.UUID)):
-        return str(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if ItemAdapter.is_item(value):  # a nested item (the pipeline adapts items shallowly)
-        return ItemAdapter(value).asdict()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, allow_nan=False)
-
-
-def _to_json(value: Any, field_name: str) -> Jsonb:
-    try:
-        text = _dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise BadItem("unserialisable", f"field {field_name!r}: {exc}") from None
-    return Jsonb(value, dumps=lambda _v, _t=text: _t)
-
-
-def _check_scalar(value: Any, field_name: str) -> Any:
-    if isinstance(value, _SCALARS):
-        if isinstance(value, str) and "\x00" in value:
-            raise BadItem("unserialisable", f"field {field_name!r}: NUL character in text")
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, _SCALARS) for v in value):
-        return list(value)
-    raise BadItem("unserialisable",
-                  f"field {field_name!r}: {type(value).__name__} has no column type")
-
-
-# --------------------------------------------------------------------------- table
-
-
-@dataclass
-class Table:
-    """A spec resolved against the live table: columns, types, SQL."""
-
-    spec: TableSpec
-    columns: dict[str, str]  # column -> type name (udt), in table order
-    ident: sql.Composable = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ident = sql.Identifier(*self.spec.table_parts)
-        self._sql_cache: dict[tuple[str, ...], Statements] = {}
-        self._routes: dict[str, tuple[str | None, bool]] = {}
-
-    def row_of(self, fields: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        """(key, column -> value) for one item; raise :class:`BadItem` if it cannot be."""
-        spec = self.spec
-        # Few allocations per item: each one counts towards the next GC pass.
-        key = tuple(fields.get(name) for name in spec.key) if len(spec.key) > 1 \
-            else (fields.get(spec.key[0]),)
-        for name, value in zip(spec.key, key, strict=True):
-            if type(value) is str:
-                continue
-            if value is None:
-                raise BadItem("missing_key", f"key field {name!r} missing or null")
-            if not isinstance(value, (str, int, decimal.Decimal, uuid.UUID, _dt.date)) \
-                    or isinstance(value, bool):
-                raise BadItem("bad_key", f"key field {name!r} is a {type(value).__name__}")
-        row: dict[str, Any] = {}
-        extra: dict[str, Any] | None = {} if spec.extra else None
-        routes = self._routes
-        for name, value in fields.items():
-            route = routes.get(name)
-            if route is None:
-                route = self._route(name)
-                if len(routes) < 1000:  # bounded: dict items may carry arbitrary field names
-                    routes[name] = route
-            column, is_json = route
-            if column is None:
-                if extra is not None:
-                    extra[name] = value
-                continue
-            if is_json:
-                row[column] = _to_json(value, name)
-            elif type(value) is str and "\x00" not in value:  # the common case, fast
-                row[column] = value
-            else:
-                row[column] = _check_scalar(value, name)
-        if extra is not None:
-            row[spec.extra] = _to_json(extra, spec.extra)
-        return key, row
-
-    def _route(self, name: str) -> tuple[str | None, bool]:
-        """(column, is json) of an item field; computed once per field name."""
-        spec = self.spec
-        column = spec.column_of(name) if isinstance(spec.columns, dict) else (
-            name if name in self.columns and name != spec.extra else None)
-        if column is None and not spec.extra and len(self._routes) < 1000:
-            logger.warning("pg: field %r of %s has no column in %s and no 'extra' column "
-                           "is configured; it is not stored", name, spec.item_type, spec.table)
-        return column, column is not None and self.columns.get(column) in ("json", "jsonb")
-
-    def statements(self, cols: tuple[str, ...]) -> Statements:
-        """How a batch with this column set is staged and merged (built once per set)."""
-        cached = self._sql_cache.get(cols)
-        if cached is not None:
-            return cached
-        spec = self.spec
-        col_ids = sql.SQL(", ").join(map(sql.Identifier, cols))
-        key_ids = sql.SQL(", ").join(map(sql.Identifier, spec.key_columns))
-        stage_name = f"_antideadlock_stage_{next(_stage_ids)}"
-        stage = sql.Identifier(stage_name)
-        create = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
-                         "SELECT {} FROM {} WITH NO DATA").format(stage, col_ids, self.ident)
-        copy = sql.SQL("COPY {} ({}) FROM STDIN").format(stage, col_ids)
-        if spec.conflict == "nothing":
-            action = sql.SQL("NOTHING")
-        else:
-            targets = [c for c in cols if c not in spec.key_columns] if spec.conflict == "update" \
-                else [c for c in spec.conflict if c in cols]
-            if targets:
-                action = sql.SQL("UPDATE SET {}").format(sql.SQL(", ").join(
-                    sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
-                    for c in targets))
-            else:
-                action = sql.SQL("NOTHING")
-        # The merge and the COMMIT go in one round trip (simple protocol): if the merge
-        # fails, the server skips the COMMIT and the transaction is rolled back.
-        merge = sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} ORDER BY {k} "
-                        "ON CONFLICT ({k}) DO {a}; COMMIT").format(t=self.ident, c=col_ids,
-                                                                   s=stage, k=key_ids, a=action)
-        cached = self._sql_cache[cols] = Statements(stage_name, create, copy, merge)
-        return cached
-
-
-@dataclass(frozen=True)
-class Statements:
-    """SQL for one (table, column set): a per-connection temp stage, COPY, merge+commit."""
-
-    stage: str  # the stage's name, to remember on which connections it exists
-    create: sql.Composed
-    copy: sql.Composed
-    merge: sql.Composed
-
-
-_stage_ids = itertools.count(1)  # stage names unique per process (one session serves all tables)
-
-
-# --------------------------------------------------------------------------- registry view
-
-
-class PgPoolView:
-    """Registry view of the connection pool: holders are flushes, waiters are flushes."""
-
-    kind = "pg"
-
-    def __init__(self, name: str, capacity: int) -> None:
-        self.name = name
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        self._holders: dict[int, tuple[str, str, float]] = {}
-        self._waiters: dict[int, tuple[str, str, float]] = {}
-
-    def waiting(self, token: int, owner: str, member: str) -> None:
-        with self._lock:
-            self._waiters[token] = (owner, member, time.monotonic())
-
-    def holding(self, token: int) -> None:
-        with self._lock:
-            owner, member, _ = self._waiters.pop(token, ("", "", 0.0))
-            self._holders[token] = (owner, member, time.monotonic())
-
-    def done(self, token: int) -> None:
-        with self._lock:
-            self._waiters.pop(token, None)
-            self._holders.pop(token, None)
-
-    def snapshot(self) -> PoolSnapshot:
-        now = time.monotonic()
-        with self._lock:
-            holders = tuple(HolderInfo(o, m, now - t) for o, m, t in self._holders.values())
-            waiters = tuple(WaiterInfo(o, now - t, m) for o, m, t in self._waiters.values())
-        return PoolSnapshot(self.name, self.kind, self.capacity, len(holders), holders, waiters)
-
-
-# --------------------------------------------------------------------------- engine
-
+__all__ = ["EngineOptions", "Outcome", "PgConfigError", "Stats", "UpsertEngine"]
 
 class UpsertEngine:
     """Batched, ordered, bounded upserts of rows into PostgreSQL tables."""
@@ -389,7 +107,7 @@ class UpsertEngine:
                 f"{scrub(str(exc) or type(exc).__name__, self.dsn)}") from None
         try:
             for spec in self.specs.values():
-                table = self._by_type[spec.item_type] = await self._resolve(conn, spec)
+                table = self._by_type[spec.item_type] = await resolve_table(conn, spec, self.options.create_tables)
                 first = self.tables.setdefault(spec.table, table)
                 if (first.spec.key_columns, first.spec.conflict) != (spec.key_columns,
                                                                      spec.conflict):
@@ -418,62 +136,6 @@ class UpsertEngine:
         ms = int(self.options.idle_in_transaction_timeout * 1000)
         await conn.execute(sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
             sql.Literal(ms)))
-
-    async def _resolve(self, conn: psycopg.AsyncConnection, spec: TableSpec) -> Table:
-        qualified = sql.Identifier(*spec.table_parts).as_string(conn)
-        cur = await conn.execute("SELECT to_regclass(%s)::oid", [qualified])
-        oid = (await cur.fetchone())[0]
-        if oid is None:
-            if not self.options.create_tables:
-                raise PgConfigError(
-                    f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} (for {spec.item_type}) "
-                    f"does not exist; create it or set ANTIDEADLOCK_PG_CREATE_TABLES=True "
-                    f"(development only)")
-            await conn.execute(self._create_sql(spec))
-            cur = await conn.execute("SELECT to_regclass(%s)::oid", [qualified])
-            oid = (await cur.fetchone())[0]
-        cur = await conn.execute(
-            "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t "
-            "ON t.oid = a.atttypid WHERE a.attrelid = %s AND a.attnum > 0 "
-            "AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum", [oid])
-        columns = {name: typ for name, typ in await cur.fetchall()}
-        missing = [c for c in spec.key_columns if c not in columns]
-        if isinstance(spec.columns, dict):
-            missing += [c for c in spec.columns.values() if c not in columns]
-        if spec.extra and spec.extra not in columns:
-            missing.append(spec.extra)
-        if missing:
-            raise PgConfigError(f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} has no "
-                                f"column(s) {sorted(set(missing))}")
-        cur = await conn.execute(
-            "SELECT array(SELECT a.attname FROM unnest(i.indkey) k JOIN pg_attribute a "
-            "ON a.attrelid = i.indrelid AND a.attnum = k) FROM pg_index i "
-            "WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL "
-            "AND i.indexprs IS NULL", [oid])
-        unique = [set(row[0]) for row in await cur.fetchall()]
-        if set(spec.key_columns) not in unique:
-            raise PgConfigError(
-                f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} needs a unique index or "
-                f"primary key on exactly {list(spec.key_columns)} for ON CONFLICT")
-        return Table(spec, columns)
-
-    @staticmethod
-    def _create_sql(spec: TableSpec) -> sql.Composed:
-        types = dict(spec.types)
-        cols: dict[str, str] = {c: types.get(c, "text") for c in spec.key_columns}
-        if isinstance(spec.columns, dict):
-            for column in spec.columns.values():
-                cols.setdefault(column, types.get(column, "text"))
-        for column, typ in types.items():
-            cols.setdefault(column, typ)
-        if spec.extra:
-            cols.setdefault(spec.extra, "jsonb")
-        defs = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in cols.items())
-        return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-            sql.Identifier(*spec.table_parts), defs,
-            sql.SQL(", ").join(map(sql.Identifier, spec.key_columns)))
-
     # ------------------------------------------------------------------ submit
     def enqueue(self, spec: TableSpec | None, fields: Mapping[str, Any], *, owner: str,
                 item_type: str) -> Awaitable[Outcome]:
