@@ -7,8 +7,8 @@ same run, with four methods:
 (b) naive unsorted 100-row batches in one transaction each (deadlocks are counted and
     the batch is lost, as a hand-written pipeline would),
 (c) this pipeline's engine (the code behind PostgresUpsertPipeline.process_item, called
-    per item through itemadapter, commit mode, up to 1 600 items in flight per writer
-    like Scrapy's CONCURRENT_REQUESTS x CONCURRENT_ITEMS),
+    per item through itemadapter, commit mode, ``--in-flight`` items in flight per writer:
+    16 by default, what a crawl of 16 concurrent requests has),
 (d) plain COPY into an empty table (the ceiling),
 (e) like (c) in buffered mode (process_item returns once buffered; see README),
 (f) the engine's write path alone, fed 5 000-row batches (the database side of (c)).
@@ -17,7 +17,8 @@ Throughput is items handled per second of wall time (first writer start to last
 writer end). Writers import their modules before the clock starts, and (c) holds only
 the items in flight (as a crawl does), so neither import time nor the bench's own
 bookkeeping is counted against a method. "writer CPU" is the writer processes' CPU
-time per item (client side only): steadier than rows/s on a shared machine. (a) and (b) run fewer items by default and are extrapolated as rows/s.
+time per item (client side only): steadier than rows/s on a shared machine. Every method
+runs the same item count. What a crawl feels is measured by ``bench.pipeline_crawl``.
 Sessions use ``deadlock_timeout=100ms`` (docs/pipeline.md) so (b) finishes in time;
 with the server default of 1 s, (b) is about 10x slower still.
 """
@@ -92,6 +93,9 @@ def _pipeline_buffered(dsn: str, table: str, seed: int, count: int, space: int) 
     return _pipeline(dsn, table, seed, count, space, wait=False)
 
 
+IN_FLIGHT = [16]  # items in flight per writer in (c); set from --in-flight
+
+
 def _pipeline(dsn: str, table: str, seed: int, count: int, space: int,
               wait: bool = True) -> dict:
     from itemadapter import ItemAdapter
@@ -124,7 +128,7 @@ def _pipeline(dsn: str, table: str, seed: int, count: int, space: int,
         # crawl: keeping every finished task for one final gather() cost ~13 us/item here
         # (gather callbacks, and GC passes over an ever-growing heap), which is the
         # bench's overhead, not the pipeline's.
-        slots = asyncio.Semaphore(1600)
+        slots = asyncio.Semaphore(IN_FLIGHT[0])
         in_flight: set[asyncio.Future] = set()
 
         def done(task: asyncio.Future) -> None:
@@ -215,7 +219,8 @@ def _warm_up() -> None:
     import scrapy_antideadlock.primitives.deadletter  # noqa: F401
 
 
-def _child(fn_name: str, args: tuple, barrier: Any, out: Any) -> None:
+def _child(fn_name: str, args: tuple, barrier: Any, out: Any, in_flight: int = 16) -> None:
+    IN_FLIGHT[0] = in_flight
     fn = METHODS[fn_name][1]
     _warm_up()
     barrier.wait()
@@ -225,7 +230,7 @@ def _child(fn_name: str, args: tuple, barrier: Any, out: Any) -> None:
              "cpu": time.process_time() - cpu})
 
 
-def run_method(name: str, dsn: str, per_writer: int, space: int) -> dict:
+def run_method(name: str, dsn: str, per_writer: int, space: int, in_flight: int = 16) -> dict:
     import psycopg
     from psycopg import sql
 
@@ -237,7 +242,8 @@ def run_method(name: str, dsn: str, per_writer: int, space: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(WRITERS), ctx.Queue()
     procs = [ctx.Process(target=_child, args=(name, (dsn, table, w, per_writer, space),
-                                               barrier, out)) for w in range(WRITERS)]
+                                               barrier, out, in_flight))
+             for w in range(WRITERS)]
     for p in procs:
         p.start()
     results = [out.get(timeout=600) for _ in procs]
@@ -259,9 +265,9 @@ def run_method(name: str, dsn: str, per_writer: int, space: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--items", type=int, default=100_000, help="items for (c) and (d)")
-    parser.add_argument("--naive-items", type=int, default=20_000,
-                        help="items for (a) and (b), extrapolated as rows/s")
+    parser.add_argument("--items", type=int, default=20_000, help="items, every method")
+    parser.add_argument("--in-flight", type=int, default=16,
+                        help="items in flight per writer in (c) (a 16-request crawl: ~16)")
     parser.add_argument("--keys", type=int, default=20_000, help="key space (overlap)")
     parser.add_argument("--dsn", default=None, help="default: the test bed's postgres_dsn()")
     parser.add_argument("--only", default="abcdef")
@@ -276,11 +282,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{load_line()}")
     results = {}
     for name in args.only:
-        count = args.items if name in "cdef" else args.naive_items
-        per_writer = count // WRITERS
+        per_writer = args.items // WRITERS
         label = METHODS[name][0]
         print(f"({name}) {label}: {per_writer * WRITERS} items ...", flush=True)
-        res = results[name] = run_method(name, args.dsn, per_writer, args.keys)
+        res = results[name] = run_method(name, args.dsn, per_writer, args.keys, args.in_flight)
         print(f"    {res['rate']:>10,.0f} rows/s  wall {res['wall']:6.2f}s  "
               f"deadlocks {res['deadlocks']}  rows lost {res['lost_rows']}  "
               f"distinct keys stored {res['stored']}  "
@@ -301,6 +306,22 @@ def main(argv: list[str] | None = None) -> None:
         if "d" in results:
             print(f"(c)/(d) = {c / results['d']['rate']:.2f}   (target >= 0.4)")
         print(f"deadlocks in (c): {results['c']['deadlocks']}   (target 0)")
+        n = args.items
+        if "a" in results:
+            print(f"RESULT pipeline.vs_naive {c / results['a']['rate']:.2f} x # pack engine "
+                  f"(commit mode, {args.in_flight} in flight) / naive per-item autocommit, "
+                  f"4 writers x {n // WRITERS} items each, same count")
+        if "b" in results:
+            print(f"RESULT pipeline.vs_naive_batches {c / results['b']['rate']:.2f} x # pack "
+                  f"engine / naive unsorted 100-row batches ({results['b']['deadlocks']} "
+                  "deadlocks there), same count")
+            print(f"RESULT pipeline.naive_batches_deadlocks {results['b']['deadlocks']} count "
+                  "# naive unsorted batches, 4 writers, overlapping keys")
+        if "d" in results:
+            print(f"RESULT pipeline.vs_copy {c / results['d']['rate']:.3f} ratio # pack engine "
+                  "/ plain COPY into an empty table (ceiling), same count")
+        print(f"RESULT pipeline.deadlocks {results['c']['deadlocks']} count # pack engine, "
+              "4 writers, overlapping keys in random order")
     if "e" in results and "d" in results:
         print(f"(e)/(d) = {results['e']['rate'] / results['d']['rate']:.2f}   "
               f"(buffered mode: no per-item wait)")

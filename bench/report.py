@@ -35,9 +35,12 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
 #: Benchmarks in run order (the issues' headline figures); others found in bench/ follow.
-KNOWN = ["overhead", "hang_rate", "pipeline", "detect", "playwright", "recovery", "timeline"]
+KNOWN = ["overhead", "broad", "tail", "hang_rate", "pipeline", "pipeline_crawl", "detect",
+         "playwright", "recovery", "timeline"]
 #: Modules in bench/ that are not benchmarks.
-NOT_BENCHES = {"__init__", "__main__", "common", "report", "pngplot"}
+NOT_BENCHES = {"__init__", "__main__", "common", "report", "pngplot", "figures"}
+#: Every figure of one invocation, from one commit: what README/docs figures are made from.
+RESULTS_FILE = RESULTS / "results.json"
 
 RESULT_RE = re.compile(
     r"^RESULT\s+(?P<name>[a-z0-9_.]+)\s+(?P<value>\S+)\s+(?P<unit>\S+)\s*(?:#\s*(?P<note>.*))?$")
@@ -65,11 +68,22 @@ LEGACY_PATTERNS: list[tuple[str, str, str, str, str]] = [
 
 #: Headline rows: (label, figure name or prefix ending in "*", what "good" looks like).
 HEADLINES: list[tuple[str, str, str]] = [
-    ("Overhead: CPU per item, pack / plain", "overhead.cpu_per_item_ratio", "close to 1"),
-    ("Overhead: items/min, pack / plain", "overhead.throughput_ratio", "close to 1"),
+    ("Overhead: CPU, full add-on / plain (5 000 pages)", "overhead.cpu_ratio", "<= 1.03"),
+    ("Overhead: wall, full add-on / plain (5 000 pages)", "overhead.wall_ratio", "<= 1.03"),
+    ("Broad crawl: wall, add-on / plain", "broad.wall_ratio", "<= 1.05"),
+    ("Broad crawl: peak RSS added", "broad.rss_added_mb", "<= 10 MB"),
+    ("1 % hangs: time to finish / fault-free, add-on", "tail.hang_addon_finish_ratio",
+     "<= 1.25"),
+    ("1 % hangs: items/s until 95 % / fault-free, add-on", "tail.hang_addon_rate_ratio",
+     ">= 0.95"),
+    ("10 % hang storm: items/s / fault-free, add-on", "tail.storm_addon_rate_ratio", ">= 0.7"),
+    ("10 % hang storm: items lost, add-on", "tail.storm_addon_lost", "0"),
+    ("Pipeline crawl: items/min vs a JSON Lines feed", "pipeline_crawl.vs_feed", ">= 0.97"),
+    ("Pipeline crawl: rows per commit at 16 concurrent", "pipeline_crawl.rows_per_commit",
+     "—"),
     ("1 % hang rate: throughput retained, plain Scrapy", "hang_rate.retained_plain", "—"),
     ("1 % hang rate: throughput retained, with the pack", "hang_rate.retained_pack", ">= 0.95"),
-    ("Pipeline vs naive per-item upserts", "pipeline.vs_naive", ">= 20x"),
+    ("Pipeline vs naive per-item upserts (same item count)", "pipeline.vs_naive", "> 1x"),
     ("Pipeline vs naive unsorted batches", "pipeline.vs_naive_batches", "> 1x"),
     ("Pipeline vs plain COPY (ceiling)", "pipeline.vs_copy", ">= 0.4"),
     ("Pipeline deadlocks under contention", "pipeline.deadlocks", "0"),
@@ -188,6 +202,8 @@ def run_bench(bench: str, bound: float) -> Run:
     began = time.monotonic()
     print(f"== bench.{bench} (bound {bound:.0f} s) ...", flush=True)
     with log.open("w") as out:
+        out.write(f"# commit {_git_commit()}\n")
+        out.flush()
         proc = subprocess.Popen([sys.executable, "-m", f"bench.{bench}"], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -425,8 +441,41 @@ def main() -> None:
                                   log)
     total = time.monotonic() - began if benches else 0.0
     loads = (load_start, _load()) if benches else ("n/a", "n/a (nothing run)")
-    out = write_report(runs, machine(*loads), total)
+    rows = machine(*loads)
+    out = write_report(runs, rows, total)
     print(f"wrote {out}")
+    if benches:
+        print(f"wrote {write_results(runs, rows)}")
+
+
+def log_commit(log: Path) -> str:
+    """The commit a bench log was written from (its first line), or "unknown"."""
+    try:
+        first = log.read_text(errors="replace").split("\n", 1)[0]
+    except OSError:
+        return "unknown"
+    return first[len("# commit "):].strip() if first.startswith("# commit ") else "unknown"
+
+
+def write_results(runs: dict[str, Run], machine_rows: list[tuple[str, str]]) -> Path:
+    """``results.json``: the figures of the benches of *this* commit only (a log of
+    another commit is left out and listed as such), so no figure mixes commits."""
+    commit = _git_commit()
+    figures: dict[str, dict] = {}
+    benches: dict[str, dict] = {}
+    for bench, run in runs.items():
+        logged = log_commit(run.log) if run.log else "unknown"
+        if logged != commit:
+            benches[bench] = {"status": f"left out: log of commit {logged}"}
+            continue
+        benches[bench] = {"status": run.status, "seconds": round(run.seconds, 1)}
+        for fig in run.figures:
+            figures[fig.name] = {"value": fig.value, "unit": fig.unit, "note": fig.note,
+                                 "bench": bench}
+    data = {"commit": commit, "machine": dict(machine_rows), "benches": benches,
+            "figures": figures}
+    RESULTS_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return RESULTS_FILE
 
 
 if __name__ == "__main__":

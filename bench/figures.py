@@ -1,0 +1,192 @@
+"""Benchmark figures in README.md and docs/*.md, generated from ``bench/results/results.json``.
+
+Like the settings tables: a block between ``<!-- bench-figures:begin NAME -->`` and
+``<!-- bench-figures:end NAME -->`` is written from the results file of one
+``python -m bench.report`` invocation (one commit), never typed by hand, and
+``tests/test_bench_figures.py`` checks that every block agrees with the file.
+
+    python -m bench.figures --write     # rewrite every block from results.json
+    python -m bench.figures --check     # exit 1 and name the blocks that disagree
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_FILE = ROOT / "bench" / "results" / "results.json"
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+#: block name -> rows (label, figure name, target). A missing figure shows as "not measured".
+BLOCKS: dict[str, list[tuple[str, str, str]]] = {
+    "headline": [
+        ("CPU, full add-on / plain Scrapy, fault-free 5 000 pages", "overhead.cpu_ratio",
+         "<= 1.03"),
+        ("wall time, same crawls", "overhead.wall_ratio", "<= 1.03"),
+        ("broad crawl (one request per host): wall, add-on / plain", "broad.wall_ratio",
+         "<= 1.05"),
+        ("broad crawl: peak RSS added by the add-on", "broad.rss_added_mb", "<= 10 MB"),
+        ("1 % of requests hang: time to finish / fault-free (add-on)",
+         "tail.hang_addon_finish_ratio", "<= 1.25"),
+        ("same: time to finish / fault-free, plain DOWNLOAD_TIMEOUT=3",
+         "tail.hang_plain_t3s_finish_ratio", "—"),
+        ("same: time to finish / fault-free, plain DOWNLOAD_TIMEOUT=10",
+         "tail.hang_plain_t10s_finish_ratio", "—"),
+        ("1 % hang: items/s until 95 % / fault-free (add-on)", "tail.hang_addon_rate_ratio",
+         ">= 0.95"),
+        ("10 % hang storm: items/s until 95 % / fault-free (add-on)",
+         "tail.storm_addon_rate_ratio", ">= 0.7"),
+        ("10 % hang storm: items lost (add-on)", "tail.storm_addon_lost", "0"),
+        ("pipeline crawl: items/min, PostgreSQL commit mode / JSON Lines feed",
+         "pipeline_crawl.vs_feed", ">= 0.97"),
+        ("pipeline crawl: rows per commit at 16 concurrent requests",
+         "pipeline_crawl.rows_per_commit", "—"),
+        ("browser pages leaked when callbacks raise, safe handler",
+         "playwright.leaked_pages_pack", "0"),
+        ("items lost after SIGKILL + resume, pack + journal", "recovery.sigkill_lost_pack",
+         "0"),
+        ("items lost after SIGKILL + resume, plain JOBDIR", "recovery.sigkill_lost_plain", "—"),
+    ],
+    "downloader": [
+        ("1 % hang: time to finish / fault-free (add-on)", "tail.hang_addon_finish_ratio",
+         "<= 1.25"),
+        ("1 % hang: items/s until 95 % / fault-free (add-on)", "tail.hang_addon_rate_ratio",
+         ">= 0.95"),
+        ("1 % hang: time to finish / fault-free, plain DOWNLOAD_TIMEOUT=3",
+         "tail.hang_plain_t3s_finish_ratio", "—"),
+        ("1 % hang: time to finish / fault-free, plain DOWNLOAD_TIMEOUT=10",
+         "tail.hang_plain_t10s_finish_ratio", "—"),
+        ("1 % hang: time to finish / fault-free, plain + CLOSESPIDER_TIMEOUT_NO_ITEM",
+         "tail.hang_plain_no_item_10s_finish_ratio", "—"),
+        ("1 % hang: items lost, plain + CLOSESPIDER_TIMEOUT_NO_ITEM",
+         "tail.hang_plain_no_item_10s_lost", "—"),
+        ("guard CPU per download (no network)", "overhead.guard_us_per_request", "small"),
+    ],
+    "pipeline": [
+        ("pack engine / naive per-item autocommit (4 writers, same item count)",
+         "pipeline.vs_naive", "> 1x"),
+        ("pack engine / naive unsorted batches", "pipeline.vs_naive_batches", "> 1x"),
+        ("deadlocks, naive unsorted batches", "pipeline.naive_batches_deadlocks", "—"),
+        ("deadlocks, pack engine", "pipeline.deadlocks", "0"),
+        ("pack engine / plain COPY (ceiling)", "pipeline.vs_copy", "—"),
+        ("crawl items/min, pipeline / JSON Lines feed", "pipeline_crawl.vs_feed", ">= 0.97"),
+        ("rows per commit at 16 concurrent requests", "pipeline_crawl.rows_per_commit", "—"),
+    ],
+    "recovery": [
+        ("items lost after SIGKILL + resume, pack + journal", "recovery.sigkill_lost_pack",
+         "0"),
+        ("items lost after SIGKILL + resume, plain JOBDIR", "recovery.sigkill_lost_plain", "—"),
+        ("reachable items lost in a 10 % hang storm, pack", "recovery.storm_lost_pack", "0"),
+        ("reachable items lost in a 10 % hang storm, plain", "recovery.storm_lost_plain", "—"),
+        ("journal overhead (crawl time with / without)", "recovery.journal_overhead",
+         "close to 1"),
+    ],
+    "watchdog": [
+        *[(f"{cls.replace('_', ' ')}: detected after, watchdog (W = 3 s)",
+           f"detect.latency_{cls}", "about W")
+          for cls in ("deadlock", "livelock", "stalled_io", "blocked_loop")],
+        *[(f"{cls.replace('_', ' ')}: CLOSESPIDER_TIMEOUT_NO_ITEM = 3 fired after",
+           f"detect.builtin_{cls}", "—")
+          for cls in ("deadlock", "livelock", "stalled_io", "blocked_loop")],
+        ("watchdog CPU, share of the crawl's", "detect.own_cpu_share", "small"),
+        ("wall time with / without the watchdog", "detect.overhead_wall_ratio", "close to 1"),
+    ],
+    "playwright": [
+        ("pages leaked (callbacks raise), stock handler", "playwright.leaked_pages_plain", "—"),
+        ("pages leaked (callbacks raise), safe handler", "playwright.leaked_pages_pack", "0"),
+        ("pages/min, safe / stock handler", "playwright.throughput_ratio", "close to 1"),
+    ],
+}
+
+_BEGIN = re.compile(r"<!-- bench-figures:begin (?P<name>[a-z_]+) -->\n(?P<body>.*?)"
+                    r"<!-- bench-figures:end (?P=name) -->", re.S)
+
+
+def load(path: Path = RESULTS_FILE) -> dict[str, Any]:
+    if not path.exists():
+        return {"commit": "none", "machine": {}, "figures": {}}
+    return json.loads(path.read_text())
+
+
+def _value(fig: dict[str, Any]) -> str:
+    value, unit = fig["value"], fig["unit"]
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    text = f"{value:,.0f}" if unit == "count" or abs(value) >= 100 else f"{value:.3g}"
+    return {"x": f"{text}×", "ratio": text, "count": text}.get(unit, f"{text} {unit}")
+
+
+def render(name: str, results: dict[str, Any]) -> str:
+    """The body of block ``name`` from ``results``."""
+    figures = results.get("figures", {})
+    machine = results.get("machine", {})
+    lines = ["| figure | measured | target | what was compared |", "|---|---|---|---|"]
+    for label, key, target in BLOCKS[name]:
+        fig = figures.get(key)
+        if fig is None:
+            lines.append(f"| {label} | not measured | {target} | `{key}` is not in the "
+                         "results file |")
+        else:
+            lines.append(f"| {label} | {_value(fig)} | {target} | {fig['note']} |")
+    when = machine.get("date (UTC)", "—")
+    load_avg = machine.get("load average (1/5/15 min) at start / end", "—")
+    lines += ["", f"Generated from `bench/results/results.json` (commit {results['commit']}, "
+              f"{when} UTC, load average {load_avg} on a shared 2-core machine) by "
+              "`python -m bench.figures --write`; rerun with `python -m bench.report`."]
+    return "\n".join(lines) + "\n"
+
+
+def _rewrite(text: str, results: dict[str, Any]) -> str:
+    def block(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise KeyError(f"unknown bench-figures block {name!r}")
+        return (f"<!-- bench-figures:begin {name} -->\n{render(name, results)}"
+                f"<!-- bench-figures:end {name} -->")
+
+    return _BEGIN.sub(block, text)
+
+
+def stale(results: dict[str, Any] | None = None) -> list[str]:
+    """Files whose blocks disagree with the results file."""
+    results = load() if results is None else results
+    return [str(p.relative_to(ROOT)) for p in FILES
+            if p.exists() and _rewrite(p.read_text(), results) != p.read_text()]
+
+
+def write(results: dict[str, Any] | None = None) -> list[str]:
+    results = load() if results is None else results
+    changed = []
+    for path in FILES:
+        if not path.exists():
+            continue
+        text = path.read_text()
+        new = _rewrite(text, results)
+        if new != text:
+            path.write_text(new)
+            changed.append(str(path.relative_to(ROOT)))
+    return changed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    if args.write:
+        print("rewrote:", ", ".join(write()) or "nothing")
+    bad = stale()
+    if bad:
+        print("figures disagree with bench/results/results.json:", ", ".join(bad))
+        sys.exit(1 if args.check else 0)
+
+
+if __name__ == "__main__":
+    main()
