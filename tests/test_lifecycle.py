@@ -236,3 +236,26 @@ async def test_semaphore_hold_and_wait_deadlock_loses_nothing(tmp_path):
     assert result.reason in ("finished", "antideadlock_deadlock", "antideadlock_unknown",
                              "antideadlock_stalled_io"), result.reason
     accounted(site, result, tmp_path)
+
+
+class SlowToStopPipeline:
+    """``process_item`` never returns for the first two items."""
+
+    async def process_item(self, item: Any) -> Any:
+        if item["key"] in ("k00000", "k00001"):
+            await asyncio.get_running_loop().create_future()
+        return item
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_recovery_did_not_start_is_bounded_too(tmp_path):
+    # CLOSESPIDER_ITEMCOUNT starts Scrapy's own close, which waits for the stuck items
+    with FaultSite(pages=3, items_per_page=10, latency=Latency.fixed(0.005)) as site:
+        result = await crawl(site, SiteSpider, short(
+            tmp_path, ANTIDEADLOCK_WATCHDOG_WINDOW=60.0, ANTIDEADLOCK_RECOVERY_CLOSE_DEADLINE=4.0,
+            CLOSESPIDER_ITEMCOUNT=5, ITEM_PIPELINES={f"{HERE}.SlowToStopPipeline": 300}))
+    assert result.reason == "closespider_itemcount", result.reason
+    assert result.elapsed < 30
+    dead = state(tmp_path, "deadletter.jsonl")
+    assert {record["item"]["key"] for record in dead} >= {"k00000", "k00001"}
+    assert result.stats.get("antideadlock/watchdog/stalls", 0) == 0  # no stall: a close

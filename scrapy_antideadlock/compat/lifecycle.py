@@ -15,7 +15,7 @@ from typing import Any
 
 from . import require
 
-__all__ = ["chain_method", "fetch", "fetch_needs_spider"]
+__all__ = ["chain_method", "engine_closing", "fetch", "fetch_needs_spider"]
 
 # Scrapy's functions that call one component method after another, and the local
 # variable holding the method being awaited.
@@ -65,3 +65,19 @@ def fetch(downloader: Any, parent_fetch: Any, request: Any, spider: Any, needs_s
     if needs_spider:
         return parent_fetch(downloader, request, spider)
     return parent_fetch(downloader, request)
+
+
+def _has_slot_closing() -> bool:
+    from scrapy.core import engine
+
+    return "self.closing" in inspect.getsource(engine._Slot.__init__)
+
+
+require("scrapy.core.engine._Slot.closing", "bounding a close that recovery did not start "
+        "(SIGTERM, CLOSESPIDER_*) when work in progress never ends", _has_slot_closing)
+
+
+def engine_closing(engine: Any) -> bool:
+    """Whether the engine is closing the spider (for any reason, e.g. SIGTERM)."""
+    slot = getattr(engine, "_slot", None)
+    return slot is not None and getattr(slot, "closing", None) is not None

@@ -38,11 +38,12 @@ from .. import settings as ad_settings
 from .. import signals as ad_signals
 from .. import stats as ad_stats
 from ..context import context_for
-from ..journal import keep_pending
 from ..lifecycle.components import tracker_for
 from ..lifecycle.victims import choose_victim
 from ..reactor import require_asyncio_reactor
-from .exit import EXIT_BLOCKED_LOOP, EXIT_CLOSE_TIMEOUT, hard_exit
+from .closing import PREEMPTIBLE as _PREEMPTIBLE
+from .closing import Closer
+from .exit import EXIT_BLOCKED_LOOP, hard_exit
 from .requeue import Requeuer
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["LEVELS", "Recovery", "recovery_for"]
 
 LEVELS = ("off", "recover", "close", "exit")
-_PREEMPTIBLE = ("middleware:process_request", "middleware:process_response",
-                "middleware:process_exception", "callback", "pipeline", "queue")
 
 
 def recovery_for(crawler: Crawler) -> Recovery | None:
@@ -78,12 +77,10 @@ class Recovery:
         self.tracker.resolver = self.requeuer.resolve
         self.tracker.on_preempted.append(self._preempted)
         self.middleware_active = False
-        self.closing = False
         self.closed = threading.Event()
         self._episode: dict[str, Any] | None = None
         self._episode_timer: Any = None  # twisted DelayedCall
-        self._close_timer: Any = None
-        self._sweep_timer: Any = None
+        self.closer = Closer(self)
         self.ctx.put("recovery", self)
         sig = crawler.signals
         sig.connect(self.spider_opened, signal=signals.spider_opened)
@@ -100,11 +97,17 @@ class Recovery:
     def quarantined(self) -> list[dict[str, Any]]:
         return self.requeuer.quarantined
 
+    @property
+    def closing(self) -> bool:
+        """Recovery has started closing the spider."""
+        return self.closer.closing
+
     # ------------------------------------------------------------------ life cycle
 
     def spider_opened(self, spider: Any = None) -> None:
         self.tracker.spider_name = getattr(spider, "name", None)
         self.tracker.dead_letters = self.requeuer.dead_letter_store()
+        self.closer.start_watch()
         self.middleware_active = self.ctx.get("recovery_middleware") is not None
         if not self.middleware_active:
             logger.warning("antideadlock recovery: RecoveryMiddleware is not enabled; cancelled "
@@ -132,24 +135,11 @@ class Recovery:
         self.closed.set()
         self._stop_timers()
         self.ctx.remove("recovery", self)
-        if self.closing and self.level >= LEVELS.index("exit"):
-            # The close completed (stats, feeds, journal), but threads that never return
-            # (a starved thread pool) would keep the interpreter from exiting: bound that too.
-            timer = threading.Timer(self.conf.close_deadline, self._exit_timeout)
-            timer.daemon = True
-            timer.start()
-
-    def _exit_timeout(self) -> None:
-        hard_exit(self.crawler, EXIT_CLOSE_TIMEOUT, "exit_timeout",
-                  f"the spider closed but the process did not exit within "
-                  f"{self.conf.close_deadline:.0f}s (threads that never return)")
+        self.closer.after_engine_stopped()
 
     def _stop_timers(self) -> None:
-        for name in ("_episode_timer", "_close_timer", "_sweep_timer"):
-            timer = getattr(self, name)
-            setattr(self, name, None)
-            if timer is not None and timer.active():
-                timer.cancel()
+        self.closer.stop()
+        self._cancel_timer("_episode_timer")
 
     # ------------------------------------------------------------------ the ladder
 
@@ -243,6 +233,9 @@ class Recovery:
                 done += 1
         return done
 
+    def episode_diagnosis(self) -> Any:
+        return (self._episode or {}).get("diagnosis")
+
     def _all_in_process(self) -> bool:
         """Every stuck unit waits inside the process (none on the network): whatever the
         class says, that is a total wait, and one victim at a time is the way out."""
@@ -251,7 +244,7 @@ class Recovery:
             and self._inflight_count() == 0
 
     def _inflight_count(self) -> int:
-        inflight = self._inflight()
+        inflight = self.inflight()
         if inflight is None:
             return 0
         return sum(1 for entry in inflight.items() if entry.stage == "transfer")
@@ -264,12 +257,13 @@ class Recovery:
 
     # ------------------------------------------------------------------ downloads
 
-    def _inflight(self) -> Any:
+    def inflight(self) -> Any:
+        """The guarded handler's in-flight downloads (None without the guard)."""
         guard = self.ctx.get("guard")
         return getattr(guard, "inflight", None)
 
     def _cancel_stuck_downloads(self, episode: dict[str, Any]) -> int:
-        tracker = self._inflight()
+        tracker = self.inflight()
         if tracker is None:
             return 0
         now = time.monotonic()
@@ -293,7 +287,7 @@ class Recovery:
 
     def cancel(self, request: Request, stall_class: str, *, tracker: Any = None) -> bool:
         """Cancel one download; the middleware then requeues or quarantines it."""
-        tracker = tracker or self._inflight()
+        tracker = tracker or self.inflight()
         if tracker is None:
             return False
         request.meta[metakeys.RECOVERY_CANCEL] = stall_class
@@ -320,67 +314,7 @@ class Recovery:
 
     async def close(self, stall_class: str, diagnosis: Any = None) -> None:
         """Step 3 (and the arming of step 4): close with reason ``antideadlock_<class>``."""
-        if self.closing or self.closed.is_set():
-            return
-        self.closing = self.requeuer.closing = True
-        reason = f"antideadlock_{stall_class}"
-        self.stats.inc_value(ad_stats.family(ad_stats.WATCHDOG_CLOSES, stall_class=stall_class))
-        from twisted.internet import reactor
-
-        if self.level >= LEVELS.index("exit"):
-            self._close_timer = reactor.callLater(self.conf.close_deadline,
-                                                  self._close_timeout, reason, diagnosis)
-        cancelled = self._preempt_all(reason)
-        journal = self.ctx.get("journal")
-        pending = journal.save() if journal is not None else None
-        logger.error("antideadlock recovery: no progress %.0fs after recovery started; closing "
-                     "the spider (%s), %d units preempted, %s requests pending in the journal",
-                     self.conf.grace, reason, cancelled, "no journal:" if pending is None
-                     else pending)
-        self._sweep_timer = reactor.callLater(1.0, self._sweep, reason)
-        await self.crawler.engine.close_spider_async(reason=reason)
-
-    def _preempt_all(self, reason: str) -> int:
-        """Preempt every unit in progress so the close can complete (kept pending)."""
-        cancelled = 0
-        inflight = self._inflight()
-        if inflight is not None:  # transfers would make the close wait for ever
-            for entry in inflight.items():
-                keep_pending(entry.request)
-                if self.cancel(entry.request, reason, tracker=inflight):
-                    cancelled += 1
-        for unit in self.tracker.units():
-            if unit.request is not None:
-                keep_pending(unit.request)
-            if unit.stage in _PREEMPTIBLE and self.tracker.cancel(
-                    unit, f"{reason}: closing, {unit.age:.0f}s in {unit.stage}"):
-                cancelled += 1
-        return cancelled
-
-    def _sweep(self, reason: str) -> None:
-        """While closing: preempt what got stuck since (e.g. a queued request's callback)."""
-        self._sweep_timer = None
-        if self.closed.is_set():
-            return
-        for unit in self.tracker.units():
-            if unit.age >= 1.0 and unit.stage in _PREEMPTIBLE:
-                if unit.request is not None:
-                    keep_pending(unit.request)
-                self.tracker.cancel(unit, f"{reason}: closing, {unit.age:.0f}s in {unit.stage}")
-        from twisted.internet import reactor
-
-        self._sweep_timer = reactor.callLater(1.0, self._sweep, reason)
-
-    def _close_timeout(self, reason: str, diagnosis: Any) -> None:
-        """The close hangs although its work was preempted (code that ignores cancels)."""
-        self._close_timer = None
-        if self.closed.is_set():
-            return
-        self.stats.inc_value(ad_stats.WATCHDOG_CLOSE_TIMEOUTS)
-        hard_exit(self.crawler, EXIT_CLOSE_TIMEOUT, "close_timeout",
-                  f"spider close ({reason}) not finished after {self.conf.close_deadline:.0f}s",
-                  diagnosis=diagnosis if diagnosis is not None else
-                  (self._episode or {}).get("diagnosis"))
+        await self.closer.close(stall_class, diagnosis)
 
     def _loop_blocked(self, info: dict[str, Any]) -> None:
         """Loop monitor thread: the loop stayed blocked past the limit."""

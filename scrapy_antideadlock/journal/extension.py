@@ -1,6 +1,9 @@
 """RequestJournal extension: resume a crawl after SIGKILL or a hard exit without a loss.
 
-JOBDIR survives only a clean close (docs/recovery.md: after a SIGKILL a resumed run finds nothing to do).
+On by default (docs/recovery.md: it is where recovery leaves pending work), per spider
+under the project's ``.scrapy/`` folder unless ANTIDEADLOCK_JOURNAL_DIR or JOBDIR says
+otherwise. JOBDIR survives only a clean close (after a SIGKILL a resumed run finds
+nothing to do).
 This extension writes every request to a write-ahead journal
 (:mod:`scrapy_antideadlock.primitives.journal`) when it is scheduled, and marks it
 done only when its callback finished and its items passed the pipelines (seen by
@@ -16,11 +19,8 @@ methods) are journaled by URL and reported at the next start, not silently lost.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
-import pickle
 import secrets
 import time
 import weakref
@@ -34,15 +34,16 @@ from scrapy.exceptions import IgnoreRequest, NotConfigured
 from scrapy.utils.project import data_path
 from scrapy.utils.request import request_from_dict
 
-from . import metakeys
-from . import settings as ad_settings
-from . import stats as ad_stats
-from .context import context_for
-from .identity import strip_credentials
-from .origin import JOURNAL_KEY, origins_for
-from .primitives.deadletter import DeadLetterStore
-from .primitives.journal import Journal, JournalLocked
-from .reactor import require_asyncio_reactor
+from .. import metakeys
+from .. import settings as ad_settings
+from .. import stats as ad_stats
+from ..context import context_for
+from ..identity import strip_credentials
+from ..origin import JOURNAL_KEY, origins_for
+from ..primitives.deadletter import DeadLetterStore
+from ..primitives.journal import Journal, JournalLocked
+from ..reactor import require_asyncio_reactor
+from .codec import decode_payload, encode_payload, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,6 @@ __all__ = ["RequestJournal", "journal_for", "JOURNAL_KEY", "KEEP_PENDING"]
 
 KEEP_PENDING = metakeys.JOURNAL_KEEP  # the request ended cancelled and must stay pending
 QUARANTINED = metakeys.QUARANTINED  # the request was quarantined; its end is final (done)
-# Meta that means nothing in another process: absolute monotonic deadlines, live objects,
-# owner ids (made of the pid, which a restarted container reuses).
-_DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
-_SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
-_PICKLED = "$pickle"
 
 
 
@@ -209,7 +205,7 @@ class RequestJournal:
         if payload is None:
             return None
         try:
-            request = request_from_dict(_decode_payload(payload), spider=spider)
+            request = request_from_dict(decode_payload(payload), spider=spider)
         except Exception as exc:  # a renamed callback, a class that moved, ...
             record["e"] = f"{type(exc).__name__}: {exc}"
             return None
@@ -254,8 +250,8 @@ class RequestJournal:
 
     def _serialise(self, request: Request) -> tuple[dict[str, Any] | None, str]:
         try:
-            data = _to_dict(request, self.crawler.spider, self._method_names)
-            return _encode_payload(data), ""
+            data = to_dict(request, self.crawler.spider, self._method_names)
+            return encode_payload(data), ""
         except Exception as exc:
             self.stats.inc_value(ad_stats.JOURNAL_UNSERIALISABLE)
             if not self._warned_unserialisable:
@@ -374,36 +370,6 @@ class RequestJournal:
         self.journal.close()
 
 
-def _to_dict(request: Request, spider: Any, names: dict[Any, str]) -> dict[str, Any]:
-    """``request.to_dict(spider=spider)``, with the callback-name lookup cached.
-
-    Scrapy finds a callback's name with ``inspect.getmembers(spider)`` on every call
-    (most of the journal's cost per request); a spider's methods do not change, so the
-    name found for a function is remembered. Anything unusual takes Scrapy's path.
-    """
-    found: list[Any] = []
-    for func in (request.callback, request.errback):
-        if not callable(func):
-            found.append(func)
-            continue
-        key = getattr(func, "__func__", None)
-        name = names.get(key) if getattr(func, "__self__", None) is spider else None
-        if name is None:
-            data = request.to_dict(spider=spider)  # raises for non-spider callbacks
-            for fn, field in ((request.callback, "callback"), (request.errback, "errback")):
-                if callable(fn) and getattr(fn, "__self__", None) is spider:
-                    names[fn.__func__] = data[field]
-            return data
-        found.append(name)
-    data = {"url": request.url, "callback": found[0], "errback": found[1],
-            "headers": dict(request.headers)}
-    for attr in request.attributes:
-        data.setdefault(attr, getattr(request, attr))
-    if type(request) is not Request:
-        data["_class"] = request.__module__ + "." + request.__class__.__name__
-    return data
-
-
 def keep_pending(request: Request) -> None:
     """Mark ``request`` so that its (cancelled) end leaves it pending in the journal."""
     request.meta[KEEP_PENDING] = True
@@ -411,53 +377,3 @@ def keep_pending(request: Request) -> None:
 
 def _jobdir_has_queue(jobdir: str) -> bool:
     return (Path(jobdir) / "requests.queue").is_dir()
-
-
-def _encode_payload(data: dict[str, Any]) -> dict[str, Any]:
-    meta = data["meta"] = dict(data.get("meta") or {})  # to_dict shares the live meta
-    for name in _DROP_META:
-        meta.pop(name, None)
-    for name in ("meta", "cb_kwargs"):
-        mapping = data.get(name)
-        if mapping:
-            data[name] = {k: _jsonable(v) for k, v in mapping.items()}
-    headers = data.get("headers")
-    if headers:
-        data["headers"] = {
-            _text(k): [_text(v) for v in values]
-            for k, values in headers.items()
-            if (k if isinstance(k, bytes) else str(k).encode()).title() not in _SECRET_HEADERS}
-    body = data.get("body")
-    if isinstance(body, bytes):
-        data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
-    json.dumps(data)  # raises TypeError now rather than when writing
-    return data
-
-
-def _decode_payload(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data)
-    for name in ("meta", "cb_kwargs"):
-        if data.get(name):
-            data[name] = {k: _restore(v) for k, v in data[name].items()}
-    data["body"] = _restore(data.get("body") or b"")
-    if isinstance(data["body"], str):
-        data["body"] = data["body"].encode()
-    return data
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return {_PICKLED: base64.b64encode(pickle.dumps(value)).decode()}
-
-
-def _restore(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {_PICKLED}:
-        return pickle.loads(base64.b64decode(value[_PICKLED]))
-    return value
-
-
-def _text(value: Any) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,105 @@
+"""How the journal writes a request and reads it back (``Request.to_dict`` in JSON).
+
+Per-process meta (absolute deadlines, live objects, owner ids) is dropped; secret headers
+are never written; values JSON cannot hold are pickled and base64-encoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+from typing import Any
+
+from scrapy import Request
+
+from .. import metakeys
+
+__all__ = ["decode_payload", "encode_payload", "to_dict"]
+
+# Meta that means nothing in another process: absolute monotonic deadlines, live objects,
+# owner ids (made of the pid, which a restarted container reuses).
+_DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
+_SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
+_PICKLED = "$pickle"
+
+
+def to_dict(request: Request, spider: Any, names: dict[Any, str]) -> dict[str, Any]:
+    """``request.to_dict(spider=spider)``, with the callback-name lookup cached.
+
+    Scrapy finds a callback's name with ``inspect.getmembers(spider)`` on every call
+    (most of the journal's cost per request); a spider's methods do not change, so the
+    name found for a function is remembered. Anything unusual takes Scrapy's path.
+    """
+    found: list[Any] = []
+    for func in (request.callback, request.errback):
+        if not callable(func):
+            found.append(func)
+            continue
+        key = getattr(func, "__func__", None)
+        name = names.get(key) if getattr(func, "__self__", None) is spider else None
+        if name is None:
+            data = request.to_dict(spider=spider)  # raises for non-spider callbacks
+            for fn, field in ((request.callback, "callback"), (request.errback, "errback")):
+                if callable(fn) and getattr(fn, "__self__", None) is spider:
+                    names[fn.__func__] = data[field]
+            return data
+        found.append(name)
+    data = {"url": request.url, "callback": found[0], "errback": found[1],
+            "headers": dict(request.headers)}
+    for attr in request.attributes:
+        data.setdefault(attr, getattr(request, attr))
+    if type(request) is not Request:
+        data["_class"] = request.__module__ + "." + request.__class__.__name__
+    return data
+
+
+def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
+    meta = data["meta"] = dict(data.get("meta") or {})  # to_dict shares the live meta
+    for name in _DROP_META:
+        meta.pop(name, None)
+    for name in ("meta", "cb_kwargs"):
+        mapping = data.get(name)
+        if mapping:
+            data[name] = {k: _jsonable(v) for k, v in mapping.items()}
+    headers = data.get("headers")
+    if headers:
+        data["headers"] = {
+            _text(k): [_text(v) for v in values]
+            for k, values in headers.items()
+            if (k if isinstance(k, bytes) else str(k).encode()).title() not in _SECRET_HEADERS}
+    body = data.get("body")
+    if isinstance(body, bytes):
+        data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
+    json.dumps(data)  # raises TypeError now rather than when writing
+    return data
+
+
+def decode_payload(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    for name in ("meta", "cb_kwargs"):
+        if data.get(name):
+            data[name] = {k: _restore(v) for k, v in data[name].items()}
+    data["body"] = _restore(data.get("body") or b"")
+    if isinstance(data["body"], str):
+        data["body"] = data["body"].encode()
+    return data
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return {_PICKLED: base64.b64encode(pickle.dumps(value)).decode()}
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {_PICKLED}:
+        return pickle.loads(base64.b64decode(value[_PICKLED]))
+    return value
+
+
+def _text(value: Any) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
