@@ -95,17 +95,20 @@ class Closer:
             hard_exit(self.crawler, EXIT_CLOSE_TIMEOUT, "close_timeout",
                       f"spider close not finished after {deadline:.0f}s")
 
-    def after_engine_stopped(self) -> None:
+    def after_engine_stopped(self, reason: str | None) -> None:
         """The close completed (stats, feeds, journal), but threads that never return (a
-        starved thread pool) would keep the interpreter from exiting: bound that too."""
-        if self.closing and self.recovery.level >= _EXIT:
-            timer = threading.Timer(self.conf.close_deadline, self._exit_timeout)
+        starved thread pool) would keep the interpreter from exiting: bound that too. A
+        daemon timer: a process that exits normally never waits for it."""
+        if self.recovery.level >= _EXIT:
+            timer = threading.Timer(self.conf.close_deadline, self._exit_timeout, (reason,))
             timer.daemon = True
             timer.start()
 
-    def _exit_timeout(self) -> None:
-        hard_exit(self.crawler, EXIT_CLOSE_TIMEOUT, "exit_timeout",
-                  f"the spider closed but the process did not exit within "
+    def _exit_timeout(self, reason: str | None) -> None:
+        # a finished crawl has nothing pending: 0, so a supervisor does not start it again
+        code = 0 if reason == "finished" else EXIT_CLOSE_TIMEOUT
+        hard_exit(self.crawler, code, "exit_timeout",
+                  f"the spider closed ({reason}) but the process did not exit within "
                   f"{self.conf.close_deadline:.0f}s (threads that never return)")
 
     async def close(self, stall_class: str, diagnosis: Any = None) -> None:

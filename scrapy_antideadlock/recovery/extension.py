@@ -81,6 +81,7 @@ class Recovery:
         self._episode: dict[str, Any] | None = None
         self._episode_timer: Any = None  # twisted DelayedCall
         self.closer = Closer(self)
+        self.close_reason: str | None = None
         self.ctx.put("recovery", self)
         sig = crawler.signals
         sig.connect(self.spider_opened, signal=signals.spider_opened)
@@ -128,6 +129,7 @@ class Recovery:
         return self.ctx.get("loopmonitor") or getattr(self.ctx.get("watchdog"), "monitor", None)
 
     def spider_closed(self, spider: Any = None, reason: str = "") -> None:
+        self.close_reason = reason
         self.closed.set()
         self._stop_timers()
 
@@ -135,7 +137,7 @@ class Recovery:
         self.closed.set()
         self._stop_timers()
         self.ctx.remove("recovery", self)
-        self.closer.after_engine_stopped()
+        self.closer.after_engine_stopped(self.close_reason)
 
     def _stop_timers(self) -> None:
         self.closer.stop()
