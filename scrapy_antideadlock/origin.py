@@ -132,8 +132,7 @@ class ItemOriginMiddleware:
 
     # -- spider middleware -----------------------------------------------------------
 
-    def _handle(self, response: Response, element: Any) -> Any:
-        parent = response.request
+    def _handle(self, parent: Request | None, owner: list[str], element: Any) -> Any:
         if isinstance(element, Request):
             if parent is not None and element is not parent:
                 meta = element.meta
@@ -141,15 +140,19 @@ class ItemOriginMiddleware:
                     if key in meta and meta[key] == parent.meta.get(key):
                         del meta[key]
         elif element is not None and parent is not None:
-            self.tracker.tag(element, parent)
+            if not owner:  # the response's owner id, looked up once per response
+                owner.append(request_id(parent))
+            self.tracker.tag(element, parent, owner[0])
         return element
 
     def process_spider_output(self, response: Response, result: Iterable[Any]
                               ) -> Iterable[Any]:
+        parent, owner, handle = response.request, [], self._handle
         for element in result:
-            yield self._handle(response, element)
+            yield handle(parent, owner, element)
 
     async def process_spider_output_async(self, response: Response,
                                           result: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        parent, owner, handle = response.request, [], self._handle
         async for element in result:
-            yield self._handle(response, element)
+            yield handle(parent, owner, element)

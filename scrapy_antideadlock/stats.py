@@ -62,6 +62,10 @@ DEADLINE_CANCELS = _stat("deadline/cancels",
                          "Downloads cancelled through the guarded handler (any reason).")
 DEADLINE_LENT = _stat("deadline/lent", "Concurrency slots lent by overdue transfers.")
 DEADLINE_LENT_MAX = _stat("deadline/lent_max", "Most concurrency slots lent at one time.")
+DEADLINE_HEDGES = _stat("deadline/hedges",
+                        "Overdue GET/HEAD transfers that got a second copy (DEADLINE_HEDGE).")
+DEADLINE_HEDGE_WINS = _stat("deadline/hedge_wins",
+                            "Hedged transfers where the second copy answered first.")
 DEADLINE_SLOTS_EVICTED = _stat("deadline/slots_evicted",
                                "Slot latency histories dropped (least recently used) to keep "
                                "memory bounded; such a slot starts again from the shared prior.")

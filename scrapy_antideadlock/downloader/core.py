@@ -28,10 +28,11 @@ from .. import stats as ad_stats
 from ..compat import downloader as compat
 from ..context import context_for
 from ..exceptions import DeadlineExceeded, DownloadCancelled
-from ..identity import describe, request_id
+from ..identity import request_id
 from .inflight import InFlightDownload, InFlightTracker
 from .leasing import ProxyLeasing
 from .policy import DeadlinePolicy
+from .transfer import may_hedge, transfer
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -72,12 +73,15 @@ class DownloadGuard:
         self.lend_cap = int(self.base_concurrency * (d.lend_max_factor - 1))
         self.lent = 0
         self.lent_max = 0
+        self.hedge: bool = d.hedge
+        self.hedging = 0  # transfers with a second copy asked for or running
         self.inflight = InFlightTracker(self)
         self.stats = crawler.stats
         self._counts: dict[str, int] = {}  # per-request counters, flushed each tick
         self._ticker: asyncio.TimerHandle | None = None
         self._closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._downloader: Any = None  # the engine's, once the spider is open
         self.leasing = ProxyLeasing(self, ad_settings.load(settings, "proxy"))
         if self.leasing.pool is not None:
             context_for(crawler).registry.register(self.leasing.pool)
@@ -136,7 +140,7 @@ class DownloadGuard:
         gives the transfer that whole ceiling (the user's last allowed attempt).
         """
         now = time.monotonic()
-        downloader = compat.downloader_of(self.crawler)
+        downloader = self._downloader or compat.downloader_of(self.crawler)
         slot = downloader.get_slot_key(request) if downloader is not None else ""
         meta = request.meta
         # Browser renders and plain HTTP transfers of one site differ by orders of
@@ -208,7 +212,7 @@ class DownloadGuard:
             if entry.deadline is not None:
                 request.meta["download_timeout"] = (max(0.001, entry.deadline - start)
                                                     + _INNER_TIMEOUT_MARGIN)
-            response = await self._transfer(entry, handler, request)
+            response = await transfer(self, entry, handler, request)
             seconds = time.monotonic() - start
             if lease is not None and response.status in leasing.failure_codes:
                 leasing.failed(lease.member)
@@ -231,34 +235,15 @@ class DownloadGuard:
                 lease.release(outcome)
             if entry.lent is not None:
                 self._unlend(entry)
+            if entry.hedge is not None:
+                self.hedging -= 1
             self.inflight.finish(request)
 
-    async def _transfer(self, entry: InFlightDownload, handler: Any,
-                        request: Request) -> Response:
-        """The download in a task of its own; a cancel (or the deadline check) wakes us."""
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(handler.download_request(request))
-        entry.waker = waker = loop.create_future()
-        task.add_done_callback(lambda _: waker.done() or waker.set_result(None))
-        try:
-            await waker  # the download finished, or cancel() woke us
-        except asyncio.CancelledError:
-            task.cancel()
-            task.add_done_callback(_retrieve)
-            raise
-        finally:
-            entry.waker = None
-        if task.done():
-            return task.result()
-        exc = entry.cancel_exc
-        assert exc is not None
-        task.cancel()  # our own task: Scrapy's download task just sees exc below
-        await asyncio.wait({task}, timeout=self.cancel_grace)
-        task.add_done_callback(_retrieve)
-        if not task.done():
-            logger.warning("download of %s did not unwind %.1fs after cancel; abandoned",
-                           describe(request), self.cancel_grace)
-        raise exc
+    @staticmethod
+    def _wake(entry: InFlightDownload) -> None:
+        waker = entry.waker
+        if waker is not None and not waker.done():
+            waker.set_result(None)
 
     def _expire(self, entry: InFlightDownload) -> None:
         """The transfer's deadline passed: wake its handler, which raises DeadlineExceeded."""
@@ -316,10 +301,17 @@ class DownloadGuard:
                         downloader = compat.downloader_of(self.crawler)
                     if compat.in_downloader(downloader, entry.request) is False:
                         self.inflight.finish(entry.request)  # left the downloader another way
-            elif (stage == "transfer" and self.lend and entry.lent is None
-                  and entry.transfer_started is not None
+            elif (stage == "transfer" and entry.transfer_started is not None
+                  and (entry.lent is None and self.lend
+                       or entry.hedge is None and self.hedge)
                   and now - entry.transfer_started > self.timeouts_for(entry.key)[1]):
-                self._lend(entry)
+                if entry.lent is None and self.lend:
+                    self._lend(entry)
+                if entry.hedge is None and self.hedge and self.hedging < self.lend_cap \
+                        and may_hedge(entry):
+                    entry.hedge = "asked"
+                    self.hedging += 1
+                    self._wake(entry)
         pool = self.leasing.pool
         if pool is not None:
             pool.sweep(now)
@@ -327,6 +319,7 @@ class DownloadGuard:
     # ------------------------------------------------------------------ signals
     def spider_opened(self, spider: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self._downloader = compat.downloader_of(self.crawler)
         self._ticker = self.loop.call_later(self.tick_interval, self._tick)
         from .preflight import preflight
 
@@ -344,11 +337,6 @@ class DownloadGuard:
         if stats is not None:
             stats.set_value(ad_stats.DEADLINE_LENT_MAX, self.lent_max)
         self.leasing.close(stats)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def guard_for(crawler: Crawler) -> DownloadGuard:

@@ -45,6 +45,7 @@ class InFlightDownload:
     cancel_exc: DownloadCancelled | None = None
     waker: asyncio.Future[None] | None = None
     lent: Any = None  # the downloader slot whose concurrency this transfer lent, or True
+    hedge: str | None = None  # None | "asked" | "running": a second copy of the transfer
 
 
 class InFlightTracker:

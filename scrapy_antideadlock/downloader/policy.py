@@ -35,23 +35,29 @@ class DeadlinePolicy:
         self.retry_backoff: float = d.retry_backoff
         self.lend_after: float = d.lend_after
         self.lend_min: float = d.lend_min
-        self._cache: dict[str, tuple[float, float, float]] = {}
+        self._cache: dict[str, tuple[float, float, float, bool]] = {}
         self._cache_max = 2 * d.slot_histories
 
     def warm(self, key: str) -> bool:
-        return self.latency.samples(key) >= self.policy.min_samples
+        return self._entry(key)[3]
 
     def timeouts_for(self, key: str) -> tuple[float, float]:
         """(adaptive deadline T without its ceiling, overdue threshold for lending) of ``key``,
         cached briefly."""
+        entry = self._entry(key)
+        return entry[1], entry[2]
+
+    def _entry(self, key: str) -> tuple[float, float, float, bool]:
+        """(valid until, T, lend threshold, warm) of ``key``, recomputed twice a second."""
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
+            return cached
         latency, policy = self.latency, self.policy
         lend_after = float("inf")  # no p99 yet: nothing is "clearly overdue"
         unbounded = float("inf")  # the ceiling is applied per request
-        if self.warm(key):
+        warm = latency.samples(key) >= policy.min_samples
+        if warm:
             timeout = policy.timeout(latency, key, ceiling=unbounded)
             p99 = latency.quantile(key, 0.99) or 0.0
             lend_after = max(self.lend_min, p99 * self.lend_after)
@@ -62,8 +68,8 @@ class DeadlinePolicy:
             timeout = policy.timeout(latency, key, ceiling=unbounded)
         if len(self._cache) >= self._cache_max:
             self._cache.clear()
-        self._cache[key] = (now + _TIMEOUT_CACHE_TTL, timeout, lend_after)
-        return timeout, lend_after
+        entry = self._cache[key] = (now + _TIMEOUT_CACHE_TTL, timeout, lend_after, warm)
+        return entry
 
     def transfer_timeout(self, key: str, retries: int, user_timeout: float | None = None,
                          full: bool = False, lease_retries: int = 0) -> float:
@@ -81,8 +87,7 @@ class DeadlinePolicy:
         ceiling = user_timeout or self.policy.maximum
         if full and user_timeout:
             return user_timeout
-        warm = self.warm(key)
-        timeout = self.timeouts_for(key)[0]
+        _, timeout, _, warm = self._entry(key)
         if user_timeout and not warm:
             timeout = user_timeout  # not warm yet: the user's value, not INITIAL
         timeout = min(timeout, ceiling)
