@@ -267,6 +267,7 @@ class Watchdog:
         snapshots = self.registry.snapshot()
         graph = analyse(snapshots, self.probe.labeller())
         cpu = self.monitor.cpu_fraction(window) if self._monitor_started else None
+        probe_started = time.perf_counter()
         try:
             awaiting = suspended_tasks(exclude=self._older_tasks)
             units, _ = UnitsReader(self.probe, context_for(self.crawler).get("lifecycle")).read(
@@ -291,7 +292,8 @@ class Watchdog:
             window=window, snapshots=snapshots, graph=graph, inflight=evidence.inflight,
             pending=pending, cpu=cpu, churn=evidence.churn, awaiting=awaiting, units=units,
             extra={"thread_pools": [p.to_dict() for p in pools],
-                   "transferring": evidence.transferring, "time_to_detect": round(since, 3)})
+                   "transferring": evidence.transferring, "time_to_detect": round(since, 3),
+                   "probe_seconds": round(time.perf_counter() - probe_started, 4)})
         self._emit(diagnosis, time_to_detect=since, on_loop=True)
 
     def _on_blocked(self, info: dict[str, Any]) -> None:

@@ -18,13 +18,14 @@ from ..compat import engine as compat
 from ..identity import META_KEY, describe, strip_credentials
 from ..primitives.registry import PoolSnapshot
 from .diagnosis import Culprit, StuckUnit
-from .waits import TaskWait, describe_primitive, inspect_task
+from .waits import TaskWait, candidates, describe_primitive, inspect_task
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
 __all__ = ["ITEM_KINDS", "Probe", "UnitsReader"]
 
 ITEM_KINDS = ("pg", "buffer")  # units of these pools are held by items, not downloads
+MAX_TASKS = 5000  # suspended tasks inspected per diagnosis (bounded time on the loop)
 
 
 class Probe:
@@ -259,7 +260,9 @@ class UnitsReader:
                      if not t.done() and t not in exclude]
         except RuntimeError:
             tasks = []
-        waits = [w for w in (inspect_task(t, components) for t in tasks) if w is not None]
+        shared = candidates([], components)  # what the components reach, read once
+        waits = [w for w in (inspect_task(t, shared=shared) for t in tasks[:MAX_TASKS])
+                 if w is not None]
         holders: dict[int, list[TaskWait]] = {}
         for w in waits:
             for held in w.holds:

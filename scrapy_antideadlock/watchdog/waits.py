@@ -158,7 +158,7 @@ def describe_primitive(obj: Any) -> str:
     return f"{name} ({waiting} waiting)"
 
 
-def _candidates(frames: list[Any], extra: list[Any]) -> list[tuple[Any, str]]:
+def candidates(frames: list[Any], extra: list[Any]) -> list[tuple[Any, str]]:
     """Objects the project's frames and components reach in one step: (object, path)."""
     out: list[tuple[Any, str]] = []
     seen: set[int] = set()
@@ -286,8 +286,12 @@ def _leaf_links(leaf: Any) -> tuple[Any, Any]:
     return thread_future, deferred
 
 
-def inspect_task(task: Any, components: list[Any] = ()) -> TaskWait | None:  # type: ignore[assignment]
-    """Where ``task`` waits; None when none of its frames is the project's code."""
+def inspect_task(task: Any, components: list[Any] = (),  # type: ignore[assignment]
+                 shared: list[tuple[Any, str]] | None = None) -> TaskWait | None:
+    """Where ``task`` waits; None when none of its frames is the project's code.
+
+    ``shared``: ``candidates([], components)`` computed once for many tasks.
+    """
     frames = coro_frames(task.get_coro())
     users = [f for f in frames if is_user_code(f.f_code.co_filename)]
     if not users:
@@ -295,11 +299,14 @@ def inspect_task(task: Any, components: list[Any] = ()) -> TaskWait | None:  # t
     culprit = culprit_of(users[-1])
     entry = culprit_of(users[0])
     holds = held_by(users)
-    wait = _wait_of(task, frames, users, list(components))
+    if shared is None:
+        shared = candidates([], list(components))
+    wait = _wait_of(task, frames, users, shared)
     return TaskWait(task, frames, wait, culprit, entry, holds)
 
 
-def _wait_of(task: Any, frames: list[Any], users: list[Any], components: list[Any]) -> Wait:
+def _wait_of(task: Any, frames: list[Any], users: list[Any],
+             shared: list[tuple[Any, str]]) -> Wait:
     innermost_user = frames.index(users[-1])
     below = frames[innermost_user + 1:]  # library frames the project's await went into
     prim_frames = [f for f in below if f.f_code.co_filename.endswith(_PRIMITIVE_FILES)]
@@ -325,14 +332,14 @@ def _wait_of(task: Any, frames: list[Any], users: list[Any], components: list[An
            for f in below):
         return Wait("crawl", f"the crawl (Scrapy {below[0].f_code.co_name}: another "
                              "request of this crawl)")
-    candidates = _candidates(users, components)
+    found = candidates(users, []) + shared
     if deferred is not None:
-        for obj, path in candidates:
+        for obj, path in found:
             if is_primitive(obj) and deferred in (getattr(obj, "waiting", None) or ()):
                 return Wait("primitive", f"acquire() on {describe_primitive(obj)} ({path})",
                             obj)
         return Wait("deferred", f"Deferred@{id(deferred):#x} that never fired", deferred)
-    for obj, path in candidates:
+    for obj, path in found:
         if obj is leaf:
             return Wait("future", f"Future@{id(leaf):#x} never resolved ({path})", leaf)
     if not below:
