@@ -167,7 +167,7 @@ def _starved_pool(ev: Evidence, limits: Thresholds) -> Verdict | None:
 def _stuck_io(ev: Evidence, limits: Thresholds) -> Verdict | None:
     stuck = [e for e in ev.inflight if e["stage"] == "transfer" and (
         e["age"] >= ev.window or (e["deadline_in"] is not None and e["deadline_in"] < 0))]
-    io_units = [u for u in ev.units if u.wait_kind == "io" and u.age >= ev.window]
+    io_units = [u for u in ev.units if u.wait_kind == "io"]
     if not stuck and not io_units:
         return None
     if stuck:
@@ -175,7 +175,8 @@ def _stuck_io(ev: Evidence, limits: Thresholds) -> Verdict | None:
         lines = [f"{len(stuck)} request(s) in the download handler got no answer within the "
                  f"window ({len(overdue)} past their deadline); no wait-for cycle"]
     else:
-        lines = [f"{len(io_units)} unit(s) wait on I/O longer than the window"]
+        lines = [f"{len(io_units)} unit(s) wait on I/O (a peer that does not answer) and nothing "
+                 "progressed for the window"]
     lines += _group_lines([u for u in ev.units if u.wait_kind == "io"])
     lines.append(_loop_line(ev))
     return Verdict(classes.STALLED_IO.name, lines,

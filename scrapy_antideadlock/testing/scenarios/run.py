@@ -61,14 +61,15 @@ class ScenarioRun:
 
     @property
     def detected_at(self) -> float | None:
-        first = self.first
-        if first is None:
+        """Wall clock of the last diagnosis (a recovered crawl may stall again)."""
+        found = self.diagnoses
+        if not found:
             return None
-        return datetime.fromisoformat(first["detected_at"]).timestamp()
+        return datetime.fromisoformat(found[-1]["detected_at"]).timestamp()
 
     @property
     def time_to_end(self) -> float | None:
-        """Seconds from the diagnosis to the process exit."""
+        """Seconds from the last diagnosis to the process exit."""
         if self.ended is None or self.detected_at is None:
             return None
         return self.ended - self.detected_at
@@ -140,7 +141,7 @@ def account(run: ScenarioRun) -> Accounting:
     """Every key the site offers is stored, dead-lettered, or its request is pending on disk
     (journal, quarantine or exit file) — else it is lost."""
     from ...primitives.deadletter import read_dead_letters
-    from ...primitives.journal import read_pending
+    from ...primitives.journal import iter_urls, read_pending
 
     site = run.site
     keys = site.item_keys()
@@ -149,7 +150,7 @@ def account(run: ScenarioRun) -> Accounting:
     urls: set[str] = set()
     for folder in run.workdir.glob(".scrapy/antideadlock/*"):
         if (folder / "journal").exists() or any(folder.glob("*.jsonl")):
-            urls |= {str(r.get("u") or "") for r in _safe(read_pending, folder)}
+            urls |= set(iter_urls(_safe(read_pending, folder)))
             for name in ("quarantine.jsonl", "exit-pending.jsonl"):
                 urls |= {str(r.get("url") or r.get("u") or "")
                          for r in _safe(read_dead_letters, folder / name)}
