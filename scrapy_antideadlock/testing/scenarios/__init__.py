@@ -105,7 +105,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "the page with dont_filter for ever", defaults=True, prepare=_wall),
     Scenario("playwright_promise", f"{_M}.browser:PromiseSpider", "stalled_io", "parse_item",
              "a Playwright callback awaits a page promise that never resolves",
-             needs=("chromium",), site={"pages": 1, "items_per_page": 4}, prepare=_browser),
+             needs=("chromium",), site={"pages": 1, "items_per_page": 4}, prepare=_browser,
+             # the browser's start and first pages take seconds on a loaded machine
+             settings={"ANTIDEADLOCK_WATCHDOG_WINDOW": 10.0}),
     Scenario("sticky_proxy_pg", f"{_M}.pools:StickySpider", "deadlock", "process_item",
              "sticky proxy sessions (registered pool, 2 slots) and a pipeline holding its "
              "one PostgreSQL connection across an enrichment download",

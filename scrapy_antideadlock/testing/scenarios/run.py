@@ -148,15 +148,16 @@ def account(run: ScenarioRun) -> Accounting:
     out = Accounting(expected=len(keys))
     out.stored = {str(i.get("key")) for i in run.items}
     urls: set[str] = set()
-    for folder in run.workdir.glob(".scrapy/antideadlock/*"):
-        if (folder / "journal").exists() or any(folder.glob("*.jsonl")):
-            urls |= set(iter_urls(_safe(read_pending, folder)))
-            for name in ("quarantine.jsonl", "exit-pending.jsonl"):
-                urls |= {str(r.get("url") or r.get("u") or "")
-                         for r in _safe(read_dead_letters, folder / name)}
-            for record in _safe(read_dead_letters, folder / "deadletter.jsonl"):
-                item = record.get("item") or {}
-                out.dead_lettered.add(str(item.get("key") if isinstance(item, dict) else ""))
+    folders = {p.parent for name in ("journal.jsonl", "quarantine.jsonl", "deadletter.jsonl",
+                                     "exit-pending.jsonl") for p in run.workdir.rglob(name)}
+    for folder in folders:  # the journal's folder (by default under .scrapy/) and its files
+        urls |= set(iter_urls(_safe(read_pending, folder)))
+        for name in ("quarantine.jsonl", "exit-pending.jsonl"):
+            urls |= {str(r.get("url") or r.get("u") or "")
+                     for r in _safe(read_dead_letters, folder / name)}
+        for record in _safe(read_dead_letters, folder / "deadletter.jsonl"):
+            item = record.get("item") or {}
+            out.dead_lettered.add(str(item.get("key") if isinstance(item, dict) else ""))
     paths = {u.split("://", 1)[-1].split("/", 1)[-1].split("#")[0].split("?")[0] for u in urls}
     pending_pages = sorted(int(p.rsplit("/", 1)[1]) for p in paths
                            if p.startswith("list/") and p.rsplit("/", 1)[1].isdigit())
