@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from scrapy_antideadlock.testing.scenarios import SCENARIOS
 from scrapy_antideadlock.testing.scenarios.run import ScenarioRun, account, run_scenarios
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(run: ScenarioRun) -> dict[str, Any]:
@@ -72,15 +69,19 @@ def main() -> None:
     out = [f"load avg {load[0]:.2f} on {os.cpu_count()} CPUs (start); timings are noisy",
            render(rows),
            "diagnosis: flatline until the diagnosis (blocked loop: the block until it); "
-           "end: diagnosis to process exit; lost: items neither stored, dead-lettered nor "
+           "end: last diagnosis to process exit; lost: items neither stored, dead-lettered nor "
            "pending on disk (journal, quarantine, exit file)"]
     for r in rows:
-        out.append(f"RESULT diagnose.{r['scenario']} class={r['class']} "
-                   f"diagnosis={r['diagnosis_s']} end={r['end_s']} lost={r['lost']}")
-    text = "\n".join(out)
-    print(text)
-    if set(names) == set(SCENARIOS):
-        (ROOT / "bench" / "results" / "diagnose.log").write_text(text + "\n")
+        end = -1 if r["end_s"] is None else round(r["end_s"], 1)
+        out.append(f"RESULT diagnose.{r['scenario']}_end {end} s # class {r['class']} "
+                   f"(expected {r['expected']}), diagnosis after {r['diagnosis_s']} s, "
+                   f"lost {r['lost']}; -1 = never ended")
+    out.append(f"RESULT diagnose.lost_total {sum(r['lost'] for r in rows)} count "
+               "# items neither stored, dead-lettered nor pending on disk, all scenarios")
+    out.append(f"RESULT diagnose.classified_right "
+               f"{sum(r['class'] == r['expected'] for r in rows if r['expected'][0] != '(')} "
+               f"count # of {sum(1 for r in rows if r['expected'][0] != '(')} stall scenarios")
+    print("\n".join(out))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ order and returns a :class:`Verdict` (class, readable evidence lines, culprit):
 
 1. a knot in the pools' wait-for graph: ``deadlock``;
 2. requests time out and are retried, none answered: ``stalled_io``;
-3. churn (requests, retries, lease grants) or a busy loop without progress: ``livelock``;
-4. a thread pool full of calls that do not return, with work waiting for it: ``starved``;
-5. every pending unit asleep on an in-process primitive, nothing on the network: ``deadlock``;
+3. a thread pool full of calls that do not return, with work waiting for it: ``starved``;
+4. every pending unit asleep on an in-process primitive, nothing on the network: ``deadlock``
+   (pages already scheduled may still be downloading before that: their churn is no livelock);
+5. churn (requests, retries, lease grants) or a busy loop without progress: ``livelock``;
 6. an exhausted pool whose every holder waits: ``deadlock``;
 7. requests in the download handler past the window or their deadline: ``stalled_io``;
 8. anything else: ``unknown``, with the same evidence.
@@ -65,7 +66,7 @@ class Verdict:
 
 def classify(ev: Evidence, limits: Thresholds = Thresholds()) -> Verdict:
     """The stall class the evidence supports best, with the reasons."""
-    for rule in (_knot, _timeouts, _churn, _starved, _asleep, _starved_pool, _stuck_io):
+    for rule in (_knot, _timeouts, _starved, _asleep, _churn, _starved_pool, _stuck_io):
         verdict = rule(ev, limits)
         if verdict is not None:
             return verdict
