@@ -8,7 +8,6 @@ nothing pending was lost.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,6 @@ from scrapy_antideadlock.testing.scenarios.run import ScenarioRun, account, run_
 
 NAMES = sorted(SCENARIOS)
 STALLS = [n for n in NAMES if SCENARIOS[n].stall_class is not None]
-# Ending a stall in user code needs preemption anywhere in a request's life.
-RECOVERY_READY = importlib.util.find_spec("scrapy_antideadlock.lifecycle") is not None
-needs_recovery = pytest.mark.xfail(
-    not RECOVERY_READY, strict=False,
-    reason="ending user-code stalls needs lifecycle preemption (scrapy_antideadlock.lifecycle)")
 # Scenario -> why its bounded end is still open (the test runs, a pass shows it is fixed).
 KNOWN_OPEN = {
     "thread_pool_starved": "after preemption the crawl finishes by itself, but the process "
@@ -100,7 +94,6 @@ def test_idle_spider_is_not_a_stall(corpus: dict[str, ScenarioRun]) -> None:
     assert len(run.items) == 2
 
 
-@needs_recovery
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_OPEN[n], strict=False))
     if n in KNOWN_OPEN else n for n in STALLS])
@@ -117,7 +110,6 @@ def test_the_crawl_ends_within_the_bound(corpus: dict[str, ScenarioRun], name: s
     assert run.time_to_end is not None and run.time_to_end <= bound + SLACK, _explain(run)
 
 
-@needs_recovery
 @pytest.mark.parametrize("name", STALLS)
 def test_nothing_pending_is_lost(corpus: dict[str, ScenarioRun], name: str) -> None:
     books = account(corpus[name])
