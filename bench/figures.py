@@ -97,6 +97,15 @@ BLOCKS: dict[str, list[tuple[str, str, str]]] = {
         ("watchdog CPU, share of the crawl's", "detect.own_cpu_share", "small"),
         ("wall time with / without the watchdog", "detect.overhead_wall_ratio", "close to 1"),
     ],
+    "diagnose": [
+        *[(f"{name}: diagnosis to process exit", f"diagnose.{name}_end", "<= grace + close")
+          for name in ("semaphore_hold_and_wait", "deferred_never_fires", "event_never_set",
+                       "queue_join_dead_consumer", "future_from_later_callback",
+                       "deferred_lock_twice", "sticky_proxy_pg", "thread_pool_starved",
+                       "psycopg_row_lock", "consent_wall", "playwright_promise")],
+        ("stall scenarios classified right", "diagnose.classified_right", "11"),
+        ("items lost, all scenarios", "diagnose.lost_total", "0"),
+    ],
     "playwright": [
         ("pages leaked (callbacks raise), stock handler", "playwright.leaked_pages_plain", "—"),
         ("pages leaked (callbacks raise), safe handler", "playwright.leaked_pages_pack", "0"),
