@@ -18,12 +18,6 @@ from scrapy_antideadlock.testing.scenarios.run import ScenarioRun, account, run_
 
 NAMES = sorted(SCENARIOS)
 STALLS = [n for n in NAMES if SCENARIOS[n].stall_class is not None]
-# Scenario -> why its bounded end is still open (the test runs, a pass shows it is fixed).
-KNOWN_OPEN = {
-    "thread_pool_starved": "after preemption the crawl finishes by itself, but the process "
-                           "cannot exit while executor threads stay blocked (recovery's exit "
-                           "timer is armed only after a close it started)",
-}
 # Default durations (settings.py) for the scenario run at the true defaults.
 DEFAULT_GRACE, DEFAULT_CLOSE_DEADLINE = 30.0, 30.0
 SLACK = 15.0  # process start, the ticks between steps, a loaded CI machine
@@ -94,9 +88,7 @@ def test_idle_spider_is_not_a_stall(corpus: dict[str, ScenarioRun]) -> None:
     assert len(run.items) == 2
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_OPEN[n], strict=False))
-    if n in KNOWN_OPEN else n for n in STALLS])
+@pytest.mark.parametrize("name", STALLS)
 def test_the_crawl_ends_within_the_bound(corpus: dict[str, ScenarioRun], name: str) -> None:
     run = corpus[name]
     assert run.returncode is not None, f"still running at the timeout\n{_explain(run)}"
