@@ -375,12 +375,15 @@ _define("playwright", "PLAYWRIGHT_SLOT_TIMEOUT", 30.0, positive_float, "seconds 
 _define("playwright", "PLAYWRIGHT_PAGE_MAX_AGE", 300.0, optional_positive_float,
         "seconds > 0 or None",
         "Last resort: a page (playwright_include_page=True) older than this is closed. None: off.")
-_define("playwright", "PLAYWRIGHT_CONTEXT_IDLE_TIMEOUT", 30.0, optional_positive_float,
+_define("playwright", "PLAYWRIGHT_CONTEXT_IDLE_TIMEOUT", None, optional_positive_float,
         "seconds > 0 or None",
-        "A context without pages for this long is closed (startup contexts excepted). None: off.")
-_define("playwright", "PLAYWRIGHT_MAX_IDLE_CONTEXTS", 8, non_negative_int, "an integer >= 0",
-        "Idle contexts (no pages) kept beyond this many are closed, oldest first, so a "
-        "context-per-request crawl does not accumulate contexts.")
+        "Opt-in cleanup: a context without pages for this long is closed, and its cookies with "
+        "it (startup contexts excepted). None (default): contexts stay open, as upstream; an "
+        "idle one is closed only to make room for a request waiting at PLAYWRIGHT_MAX_CONTEXTS.")
+_define("playwright", "PLAYWRIGHT_MAX_IDLE_CONTEXTS", None, optional_non_negative_int,
+        "an integer >= 0 or None",
+        "Opt-in cleanup: idle contexts (no pages) kept beyond this many are closed, least "
+        "recently used first (startup contexts excepted). None (default): off, as upstream.")
 _define("playwright", "PLAYWRIGHT_SHUTDOWN_TIMEOUT", 10.0, positive_float, "seconds > 0",
         "Bound on closing pages, contexts and the browser at spider close; past it the browser "
         "process is killed.")

@@ -13,8 +13,10 @@ responses, stats, log messages and exception types as ``ScrapyPlaywrightDownload
 * page and context limits are leases in the crawler's registry: released exactly once,
   acquired with a timeout, and waiting for a *new* context never blocks requests for
   contexts that already exist;
-* idle contexts are closed; at close everything is closed within a bound and a browser that
-  does not close in time is killed;
+* contexts stay open as upstream keeps them (cookies survive), except that the least
+  recently used idle one is closed for a request waiting at ``PLAYWRIGHT_MAX_CONTEXTS``;
+  at close everything is closed within a bound and a browser that does not close in time
+  is killed;
 * a dead browser fails its pending calls at once (:class:`BrowserCrashed`, a Playwright
   ``TargetClosedError``) and scrapy-playwright's retry relaunches it;
 * http and https share one driver and browser (``ANTIDEADLOCK_PLAYWRIGHT_SHARE_BROWSER``).

@@ -25,6 +25,7 @@ from .errors import BrowserCrashed, PlaywrightSlotTimeout
 __all__ = ["Books", "ContextEntry", "LeaseSemaphore", "PageEntry"]
 
 logger = logging.getLogger(__name__)
+upstream_logger = logging.getLogger("scrapy-playwright")  # where users look for context events
 
 UNLIMITED = 2**31 - 1  # capacity of the context pool when PLAYWRIGHT_MAX_CONTEXTS is unset
 
@@ -104,6 +105,7 @@ class Books:
         self.tasks: set[asyncio.Future] = set()
         self.closing = False
         self._serial = 0
+        self._evictions = 0
 
     # ------------------------------------------------------------------ helpers
     def inc(self, name: str, count: int = 1) -> None:
@@ -131,7 +133,7 @@ class Books:
     async def context_slot(self, name: str, deadline: float) -> Lease:
         lease = self.context_pool.try_acquire(f"context:{name}")
         if lease is None:
-            self.evict_idle(1)
+            self.make_room(extra=1)
             lease = await self.acquire(self.context_pool, "context_slot", f"context:{name}",
                                        deadline)
         return lease
@@ -200,8 +202,28 @@ class Books:
                        if not c.startup and not c.entries and c.users == 0 and not c.closing),
                       key=lambda c: c.last_used)
 
-    def evict_idle(self, count: int) -> None:
-        for ctx in self.idle_contexts()[:count]:
+    def make_room(self, extra: int = 0) -> None:
+        """A request waits for a context slot (PLAYWRIGHT_MAX_CONTEXTS): close the least
+        recently used idle contexts, one per waiter not already served by a closing one.
+
+        The only way a context the user named is closed mid-crawl by default: it breaks a
+        wait that would otherwise end in PlaywrightSlotTimeout (upstream: a deadlock)."""
+        closing = sum(1 for c in self.contexts.values() if c.closing)
+        needed = len(self.context_pool.waiters()) + extra - closing
+        if needed <= 0 or self.closing:
+            return
+        for ctx in self.idle_contexts()[:needed]:
+            self._evictions += 1
+            first = self._evictions == 1  # logged once; the stat counts every one
+            upstream_logger.log(
+                logging.INFO if first else logging.DEBUG,
+                "[Context=%s] Closing idle context to make room for a request waiting for a "
+                "context slot (PLAYWRIGHT_MAX_CONTEXTS=%i); its cookies and storage are gone%s",
+                ctx.name, self.context_pool.capacity,
+                " (later ones at DEBUG; each one counted in stat "
+                "antideadlock/playwright/contexts/force_closed/evicted)" if first else "",
+                extra={"spider": getattr(self.crawler, "spider", None),
+                       "context_name": ctx.name})
             self.start_closing_context(ctx, "evicted")
 
     # ------------------------------------------------------------------ pages
@@ -236,9 +258,8 @@ class Books:
         if self.pages.get(entry.page) is entry:
             del self.pages[entry.page]
         self.inc(ad_stats.PW_PAGES_CLOSED)
-        if not ctx.entries and not ctx.users and not ctx.startup and not self.closing \
-                and self.context_pool.waiters():
-            self.start_closing_context(ctx, "evicted")  # someone waits for a context slot
+        if not self.closing and self.context_pool.waiters():
+            self.make_room()
 
     def _on_page_crash(self, entry: PageEntry) -> None:
         if entry.closed:
@@ -340,13 +361,13 @@ class Books:
                     self.spawn(self.close_page(entry, "after_callback"))
         for ctx in list(self.contexts.values()):
             ctx.pages.sweep()
-        waiting = len(self.context_pool.waiters())
-        if waiting:
-            self.evict_idle(waiting)
-        idle = self.idle_contexts()
-        excess = max(len(idle) - self.opts.max_idle_contexts, 0)
-        for ctx in idle[:excess]:
-            self.start_closing_context(ctx, "idle")
+        self.make_room()
+        idle = self.idle_contexts()  # opt-in cleanup below: both settings are None by default
+        excess = 0
+        if self.opts.max_idle_contexts is not None:
+            excess = max(len(idle) - self.opts.max_idle_contexts, 0)
+            for ctx in idle[:excess]:
+                self.start_closing_context(ctx, "idle")
         if self.opts.context_idle_timeout is not None:
             now = time.monotonic()
             for ctx in idle[excess:]:
