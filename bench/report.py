@@ -282,10 +282,12 @@ def _chromium_version() -> str:
 
 
 def _git_commit() -> str:
+    """The commit measured; changes to bench/results (this report's own output) don't count."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".",
+                                ":(exclude)bench/results"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -430,6 +432,7 @@ def main() -> None:
         parser.error(f"no such benchmark: {', '.join(sorted(unknown))} (have {discover()})")
     began = time.monotonic()
     load_start = _load()
+    commit = _git_commit()  # the commit measured: later commits must not relabel it
     runs = {bench: run_bench(bench, args.bound) for bench in benches}
     if args.reuse_logs:
         for bench in discover():
@@ -445,7 +448,10 @@ def main() -> None:
     out = write_report(runs, rows, total)
     print(f"wrote {out}")
     if benches:
-        print(f"wrote {write_results(runs, rows)}")
+        print(f"wrote {write_results(runs, rows, commit)}")
+    elif runs:  # --report-only: the commit of the newest log
+        newest = max((r for r in runs.values() if r.log), key=lambda r: r.log.stat().st_mtime)
+        print(f"wrote {write_results(runs, rows, log_commit(newest.log))}")
 
 
 def log_commit(log: Path) -> str:
@@ -457,10 +463,12 @@ def log_commit(log: Path) -> str:
     return first[len("# commit "):].strip() if first.startswith("# commit ") else "unknown"
 
 
-def write_results(runs: dict[str, Run], machine_rows: list[tuple[str, str]]) -> Path:
-    """``results.json``: the figures of the benches of *this* commit only (a log of
-    another commit is left out and listed as such), so no figure mixes commits."""
-    commit = _git_commit()
+def write_results(runs: dict[str, Run], machine_rows: list[tuple[str, str]],
+                  commit: str | None = None) -> Path:
+    """``results.json``: the figures of one commit only (the one measured now, or with
+    ``--report-only`` the newest log's); a log of another commit is left out and listed as
+    such, so no figure mixes commits."""
+    commit = commit or _git_commit()
     figures: dict[str, dict] = {}
     benches: dict[str, dict] = {}
     for bench, run in runs.items():
