@@ -9,6 +9,7 @@ middleware fixed) must complete every item.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -40,8 +41,10 @@ class TokenRefreshMiddleware:
 
 @pytest.mark.slow
 def test_true_defaults_end_bounded_and_resume_completes(tmp_path: Any) -> None:
+    feed = tmp_path / "feed.jsonl"
     settings = {"ADDONS": {"scrapy_antideadlock.Addon": 0},
-                "DOWNLOADER_MIDDLEWARES": {f"{HERE}.TokenRefreshMiddleware": 543}}
+                "DOWNLOADER_MIDDLEWARES": {f"{HERE}.TokenRefreshMiddleware": 543},
+                "FEEDS": {str(feed): {"format": "jsonlines"}}}
     with FaultSite(pages=6, items_per_page=10, latency=Latency.fixed(0.01)) as site:
         kwargs = {"start_url": site.start_url}
         started = time.monotonic()
@@ -62,6 +65,8 @@ def test_true_defaults_end_bounded_and_resume_completes(tmp_path: Any) -> None:
             stats = first.stats()
             assert stats["_close_reason"].startswith("antideadlock_"), stats["_close_reason"]
             assert stats["item_scraped_count"] == len(done)  # the stats dump was written
+            fed = {json.loads(line)["key"] for line in feed.read_text().splitlines()}
+            assert fed == done  # and the feed
 
         second = run_crawl_subprocess(SiteSpider, settings, items_path=tmp_path / "run2.jsonl",
                                       spider_kwargs=kwargs, cwd=tmp_path)
