@@ -259,3 +259,26 @@ async def test_a_close_recovery_did_not_start_is_bounded_too(tmp_path):
     dead = state(tmp_path, "deadletter.jsonl")
     assert {record["item"]["key"] for record in dead} >= {"k00000", "k00001"}
     assert result.stats.get("antideadlock/watchdog/stalls", 0) == 0  # no stall: a close
+
+
+class StuckOnErrorMiddleware:
+    """``process_exception`` awaits a reconnect that never comes."""
+
+    async def process_exception(self, request: scrapy.Request, exception: Exception) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_process_exception_awaiting_for_ever_is_preempted(tmp_path):
+    from scrapy_antideadlock.testing import Fault
+
+    with FaultSite(pages=2, items_per_page=10, latency=Latency.fixed(0.005)) as site:
+        site.add_fault("/item/k00004", Fault.reset())
+        result = await crawl(site, SiteSpider, short(
+            tmp_path, RETRY_ENABLED=False,
+            DOWNLOADER_MIDDLEWARES={f"{HERE}.StuckOnErrorMiddleware": 543}))
+    assert result.reason == "finished", result.stats
+    assert result.stats["antideadlock/lifecycle/preempted/middleware:process_exception"] == 3
+    [record] = state(tmp_path, "quarantine.jsonl")  # the reset comes back on every attempt
+    assert record["url"].endswith("/item/k00004")
+    assert sorted(result.keys()) == sorted(k for k in site.item_keys() if k != "k00004")
