@@ -1,5 +1,6 @@
 """The scenario corpus: stalls in code the pack does not own, each a real spider run with
-nothing but the ADDONS line (durations shortened; ``consent_wall`` at the true defaults).
+nothing but the ADDONS line (durations shortened; ``consent_wall`` and
+``semaphore_hold_and_wait`` at the true defaults).
 
 All scenarios run once, side by side in child processes (module fixture); each test then
 checks one promise for every scenario: the class, the culprit, the bounded end, and that
@@ -54,8 +55,8 @@ def test_class_and_culprit_are_named(corpus: dict[str, ScenarioRun], name: str) 
     assert f"culprit: {culprit['qualname']}" in run.log, "the log block names the culprit"
     if scenario.stall_class == "blocked_loop":
         assert first["since_progress"] >= 0 and first["loop"]["threshold"] == 2.0
-    else:  # detected one window after the last progress (plus one tick)
-        assert first["window"] <= first["since_progress"] <= first["window"] + 2.0, first
+    else:  # detected one window after the last progress (plus a tick on a loaded machine)
+        assert first["window"] <= first["since_progress"] <= first["window"] + 5.0, first
 
 
 def test_deadlocks_name_the_primitive(corpus: dict[str, ScenarioRun]) -> None:
@@ -73,10 +74,12 @@ def test_deadlocks_name_the_primitive(corpus: dict[str, ScenarioRun]) -> None:
                                                         "middleware:process_request"}
 
 
-def test_consent_wall_is_a_livelock_at_the_default_window(
-        corpus: dict[str, ScenarioRun]) -> None:
+def test_true_defaults_use_the_adaptive_window(corpus: dict[str, ScenarioRun]) -> None:
+    for name in ("consent_wall", "semaphore_hold_and_wait"):
+        # the adaptive window, never configured: requests stuck in a middleware with a long
+        # download deadline must not stretch it
+        assert corpus[name].first["window"] < 30.0, (name, corpus[name].first["window"])
     first = corpus["consent_wall"].first
-    assert first["window"] <= 60.0  # the adaptive window, never configured
     assert any("dont_filter=True" in line for line in first["evidence"]), first["evidence"]
 
 

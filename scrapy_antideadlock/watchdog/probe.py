@@ -79,11 +79,15 @@ class Probe:
         return compat.download_slots_delay(self.engine)
 
     def longest_deadline(self) -> float:
-        """The longest deadline the downloader part gave a download in flight (0 if none)."""
+        """The longest deadline the downloader part gave a download in transfer (0 if none).
+
+        Only transfers: a request stuck before the handler (in a middleware) is not a slow
+        download, and its deadline must not stretch the window."""
         tracker = inflight_tracker(self.crawler)
         try:
-            return max((e.timeout for e in tracker.items() if e.timeout), default=0.0) \
-                if tracker is not None else 0.0
+            return max((e.timeout for e in tracker.items()
+                        if e.timeout and getattr(e, "stage", "transfer") == "transfer"),
+                       default=0.0) if tracker is not None else 0.0
         except Exception:  # noqa: BLE001 - another component's tracker must not break us
             return 0.0
 

@@ -78,7 +78,8 @@ _M = __name__
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("semaphore_hold_and_wait", f"{_M}.locks:SemaphoreSpider", "deadlock",
              "process_item", "a pipeline holds a slot of the project's asyncio.Semaphore(2) "
-             "while it downloads; a downloader middleware needs the same semaphore"),
+             "while it downloads; a downloader middleware needs the same semaphore",
+             defaults=True),
     Scenario("deferred_never_fires", f"{_M}.locks:DeferredSpider", "deadlock",
              "process_request", "a middleware's token refresh returns a Deferred that never "
              "fires, for every 10th request", site={"pages": 20, "items_per_page": 10}),
