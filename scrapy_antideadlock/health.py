@@ -122,7 +122,9 @@ class HealthExtension:
         self.heartbeat_path = Path(conf.heartbeat_file) if conf.heartbeat_file else None
         self.notifier = SdNotifier() if conf.sdnotify else SdNotifier("")
         self.ping_every = watchdog_interval() if self.notifier.enabled else None
-        if self.heartbeat_path is None and conf.http_port is None and not self.notifier.enabled:
+        fleet = bool(ad_settings.get(crawler.settings, "ANTIDEADLOCK_FLEET_REDIS_URL"))
+        if self.heartbeat_path is None and conf.http_port is None and not self.notifier.enabled \
+                and not fleet:  # (fleet mode: the fleet heartbeat publishes status())
             # off by default: no message, so Scrapy logs no "Disabled ..." warning
             logger.debug("HealthExtension off: no health output configured")
             raise NotConfigured
