@@ -261,3 +261,111 @@ def test_without_the_origin_hook_requests_are_acked_at_pop_not_leased_for_ever(m
     q.push(Request("http://a/1"))
     assert q.pop() is not None
     assert len(q) == 0 and "ItemOriginMiddleware is not enabled" in caplog.text
+
+
+# ---------------------------------------------------------------- the scripts, one by one
+
+
+def _run(q: ReliableQueue, name: str, *args: Any) -> Any:
+    return q._scripts[name](keys=q.keys, args=list(args))
+
+
+def test_push_ids_keep_push_order_within_a_priority(make_queue, redis_url):
+    q = make_queue()
+    ids = [_run(q, "PUSH", 0, f"p{i}".encode()) for i in range(12)]
+    assert ids == sorted(ids)  # zero-padded: "10" sorts after "9"
+    members = redis.Redis.from_url(redis_url).zrange(q.keys[0], 0, -1)
+    assert members == ids
+
+
+def test_pop_script_moves_to_processing_with_a_deadline_in_one_step(make_queue, redis_url):
+    q = make_queue()
+    rid = _run(q, "PUSH", 0, b"payload")
+    got = _run(q, "POP", "w1", 5000, 3, 10)
+    client = redis.Redis.from_url(redis_url)
+    assert got[2] == rid and got[3] == b"payload" and got[4] == 1
+    assert client.zcard(q.keys[0]) == 0 and client.hget(q.keys[4], rid) == b"w1"
+    seconds, micros = client.time()
+    assert 4000 < client.zscore(q.keys[3], rid) - (seconds * 1000 + micros / 1000) <= 5000
+
+
+def test_pop_skips_ids_whose_data_is_gone(make_queue, redis_url):
+    q = make_queue()
+    first = _run(q, "PUSH", 0, b"a")
+    _run(q, "PUSH", 0, b"b")
+    redis.Redis.from_url(redis_url).hdel(q.keys[1], first)
+    assert _run(q, "POP", "w1", 5000, 3, 10)[3] == b"b"
+
+
+def test_nack_only_by_the_holder_and_it_does_not_count_a_delivery(make_queue, redis_url):
+    q = make_queue()
+    rid = _run(q, "PUSH", 0, b"a")
+    _run(q, "POP", "w1", 5000, 3, 10)
+    assert _run(q, "NACK", rid, "w2") == 0
+    assert _run(q, "NACK", rid, "w1") == 1
+    assert redis.Redis.from_url(redis_url).hget(q.keys[5], rid) is None  # 0 deliveries
+    assert _run(q, "POP", "w2", 5000, 3, 10)[4] == 1
+
+
+def test_ack_results(make_queue):
+    q = make_queue()
+    rid = _run(q, "PUSH", 0, b"a")
+    _run(q, "POP", "w1", 5000, 3, 10)
+    assert _run(q, "ACK", rid, "w2") == 2  # someone else's lease: stale, removed anyway
+    assert _run(q, "ACK", rid, "w1") == 0  # gone already
+    rid = _run(q, "PUSH", 0, b"b")
+    _run(q, "POP", "w1", 5000, 3, 10)
+    assert _run(q, "ACK", rid, "w1") == 1
+
+
+def test_renew_touches_only_the_callers_ids(make_queue, redis_url):
+    q = make_queue()
+    mine, theirs = _run(q, "PUSH", 0, b"a"), _run(q, "PUSH", 0, b"b")
+    _run(q, "POP", "w1", 100, 3, 10)
+    _run(q, "POP", "w2", 100, 3, 10)
+    renewed = q._scripts["RENEW"](keys=[q.keys[3], q.keys[4]], args=["w1", 60000, mine, theirs])
+    assert renewed == 1
+    time.sleep(0.15)
+    assert _run(q, "RECLAIM", "w3", 5000, 3, 10) == [1, 0]  # only w2's came back
+    pending = redis.Redis.from_url(redis_url).zrange(q.keys[0], 0, -1)
+    assert pending == [theirs]
+
+
+def test_reclaim_is_bounded_per_call(make_queue):
+    q = make_queue()
+    for i in range(5):
+        _run(q, "PUSH", 0, f"{i}".encode())
+        _run(q, "POP", "dead", 1, 3, 10)
+    time.sleep(0.01)
+    assert _run(q, "RECLAIM", "w", 5000, 3, 2) == [2, 0]
+    assert _run(q, "RECLAIM", "w", 5000, 3, 10) == [3, 0]
+
+
+def test_quarantine_keeps_the_request_for_an_operator(make_queue, redis_url):
+    q = make_queue()
+    rid = _run(q, "PUSH", 0, b"poison")
+    _run(q, "POP", "w1", 1, 1, 10)
+    time.sleep(0.01)
+    assert _run(q, "RECLAIM", "w2", 5000, 1, 10) == [0, 1]
+    client = redis.Redis.from_url(redis_url)
+    assert client.hget(q.keys[7], rid) == b"poison"
+    record = json.loads(client.hget(q.keys[6], rid))
+    assert record["last_worker"] == "w1" and record["deliveries"] == 1
+    assert client.hget(q.keys[1], rid) is None and client.zcard(q.keys[0]) == 0
+
+
+def test_require_redis_fails_at_start_naming_the_setting():
+    from scrapy_antideadlock.fleet.leases import backend_for
+    from scrapy_antideadlock.fleet.link import FleetRedisRequired
+
+    crawler = get_crawler(QSpider, {"ANTIDEADLOCK_FLEET_REDIS_URL": "redis://127.0.0.1:1/0",
+                                    "ANTIDEADLOCK_FLEET_REQUIRE_REDIS": True})
+    with pytest.raises(FleetRedisRequired, match="ANTIDEADLOCK_FLEET_REQUIRE_REDIS"):
+        backend_for(crawler, "proxy")
+
+
+def test_visibility_shorter_than_two_heartbeats_is_refused(make_queue):
+    from scrapy_antideadlock.settings import SettingError
+
+    with pytest.raises(SettingError, match="ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT"):
+        make_queue(ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT=0.05)

@@ -6,6 +6,7 @@ proxies count concurrent transfers themselves (``FaultProxy.max_active``).
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from scrapy_antideadlock.fleet.status import collect
 from scrapy_antideadlock.testing import FaultSite, Latency, run_crawl_subprocess
 from scrapy_antideadlock.testing.spiders import SiteSpider
 
@@ -184,6 +186,11 @@ def test_sigkilled_worker_loses_nothing_and_its_leases_return(make_fault_proxy, 
             name = wait_for(victim, 40, "no worker held 20 requests and a proxy lease", procs)
             killed = procs[int(name[1:])]
             popped = leased_to(client, prefix)[name]
+            fleet = collect(client, prefix)  # what `fleet status` shows
+            assert fleet["workers"][name]["inflight"] >= 20
+            assert fleet["workers"][name]["leases"] >= 1
+            health = json.loads(client.get(f"{prefix}:worker:{name}"))
+            assert health["healthy"] and "loop_heartbeat_age" in health  # /healthz's JSON
             killed.kill(signal.SIGKILL)
             assert killed.wait(10) == -signal.SIGKILL
             killed_at = time.monotonic()
