@@ -49,6 +49,8 @@ def make_queue(redis_url, prefix):
             "ANTIDEADLOCK_FLEET_HEARTBEAT_INTERVAL": 0.05,
             "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT": 0.3,
             "SCHEDULER_PERSIST": True,
+            "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
+            "SCHEDULER_DUPEFILTER_KEY": f"{prefix}:%(spider)s:dupefilter",
             **settings})
         spider = QSpider.from_crawler(crawler)
         crawler.spider = spider
@@ -272,7 +274,7 @@ def _run(q: ReliableQueue, name: str, *args: Any) -> Any:
 
 def test_push_ids_keep_push_order_within_a_priority(make_queue, redis_url):
     q = make_queue()
-    ids = [_run(q, "PUSH", 0, f"p{i}".encode()) for i in range(12)]
+    ids = [_run(q, "PUSH", 0, f"p{i}".encode(), "") for i in range(12)]
     assert ids == sorted(ids)  # zero-padded: "10" sorts after "9"
     members = redis.Redis.from_url(redis_url).zrange(q.keys[0], 0, -1)
     assert members == ids
@@ -280,7 +282,7 @@ def test_push_ids_keep_push_order_within_a_priority(make_queue, redis_url):
 
 def test_pop_script_moves_to_processing_with_a_deadline_in_one_step(make_queue, redis_url):
     q = make_queue()
-    rid = _run(q, "PUSH", 0, b"payload")
+    rid = _run(q, "PUSH", 0, b"payload", "")
     got = _run(q, "POP", "w1", 5000, 3, 10)
     client = redis.Redis.from_url(redis_url)
     assert got[2] == rid and got[3] == b"payload" and got[4] == 1
@@ -291,15 +293,15 @@ def test_pop_script_moves_to_processing_with_a_deadline_in_one_step(make_queue, 
 
 def test_pop_skips_ids_whose_data_is_gone(make_queue, redis_url):
     q = make_queue()
-    first = _run(q, "PUSH", 0, b"a")
-    _run(q, "PUSH", 0, b"b")
+    first = _run(q, "PUSH", 0, b"a", "")
+    _run(q, "PUSH", 0, b"b", "")
     redis.Redis.from_url(redis_url).hdel(q.keys[1], first)
     assert _run(q, "POP", "w1", 5000, 3, 10)[3] == b"b"
 
 
 def test_nack_only_by_the_holder_and_it_does_not_count_a_delivery(make_queue, redis_url):
     q = make_queue()
-    rid = _run(q, "PUSH", 0, b"a")
+    rid = _run(q, "PUSH", 0, b"a", "")
     _run(q, "POP", "w1", 5000, 3, 10)
     assert _run(q, "NACK", rid, "w2") == 0
     assert _run(q, "NACK", rid, "w1") == 1
@@ -309,18 +311,18 @@ def test_nack_only_by_the_holder_and_it_does_not_count_a_delivery(make_queue, re
 
 def test_ack_results(make_queue):
     q = make_queue()
-    rid = _run(q, "PUSH", 0, b"a")
+    rid = _run(q, "PUSH", 0, b"a", "")
     _run(q, "POP", "w1", 5000, 3, 10)
     assert _run(q, "ACK", rid, "w2") == 2  # someone else's lease: stale, removed anyway
     assert _run(q, "ACK", rid, "w1") == 0  # gone already
-    rid = _run(q, "PUSH", 0, b"b")
+    rid = _run(q, "PUSH", 0, b"b", "")
     _run(q, "POP", "w1", 5000, 3, 10)
     assert _run(q, "ACK", rid, "w1") == 1
 
 
 def test_renew_touches_only_the_callers_ids(make_queue, redis_url):
     q = make_queue()
-    mine, theirs = _run(q, "PUSH", 0, b"a"), _run(q, "PUSH", 0, b"b")
+    mine, theirs = _run(q, "PUSH", 0, b"a", ""), _run(q, "PUSH", 0, b"b", "")
     _run(q, "POP", "w1", 100, 3, 10)
     _run(q, "POP", "w2", 100, 3, 10)
     renewed = q._scripts["RENEW"](keys=[q.keys[3], q.keys[4]], args=["w1", 60000, mine, theirs])
@@ -331,19 +333,19 @@ def test_renew_touches_only_the_callers_ids(make_queue, redis_url):
     assert pending == [theirs]
 
 
-def test_reclaim_is_bounded_per_call(make_queue):
+def test_reclaim_is_bounded_per_call(make_queue, redis_url):
     q = make_queue()
     for i in range(5):
-        _run(q, "PUSH", 0, f"{i}".encode())
-        _run(q, "POP", "dead", 1, 3, 10)
-    time.sleep(0.01)
+        _run(q, "PUSH", 0, f"{i}".encode(), "")
+    ids = [_run(q, "POP", "dead", 60000, 3, 10)[2] for _ in range(5)]
+    redis.Redis.from_url(redis_url).zadd(q.keys[3], dict.fromkeys(ids, 0), xx=True)  # expired
     assert _run(q, "RECLAIM", "w", 5000, 3, 2) == [2, 0]
     assert _run(q, "RECLAIM", "w", 5000, 3, 10) == [3, 0]
 
 
 def test_quarantine_keeps_the_request_for_an_operator(make_queue, redis_url):
     q = make_queue()
-    rid = _run(q, "PUSH", 0, b"poison")
+    rid = _run(q, "PUSH", 0, b"poison", "")
     _run(q, "POP", "w1", 1, 1, 10)
     time.sleep(0.01)
     assert _run(q, "RECLAIM", "w2", 5000, 1, 10) == [0, 1]
@@ -369,3 +371,53 @@ def test_visibility_shorter_than_two_heartbeats_is_refused(make_queue):
 
     with pytest.raises(SettingError, match="ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT"):
         make_queue(ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT=0.05)
+
+
+def test_an_intent_is_removed_by_its_push(make_queue, redis_url):
+    q = make_queue()
+    request = Request("http://a/1")
+    q._scheduled(request)
+    client = redis.Redis.from_url(redis_url)
+    assert client.hlen(q.keys[9]) == 1 and client.zcard(q.keys[10]) == 1
+    q.push(request)
+    assert client.hlen(q.keys[9]) == 0 and client.zcard(q.keys[10]) == 0
+    assert q.pop().url == "http://a/1"
+
+
+def test_a_dead_workers_intent_is_pushed_by_the_next_pop(make_queue):
+    a, b = make_queue("a"), make_queue("b")
+    a._scheduled(Request("http://a/orphan"))  # then killed: marked seen, never pushed
+    assert b.pop() is None
+    time.sleep(0.35)
+    again = b.pop()
+    assert again is not None and again.url == "http://a/orphan"
+    assert b.counts["redelivered"] == 1
+
+
+def test_a_late_push_after_its_intent_was_rescued_is_not_a_duplicate(make_queue, redis_url):
+    a, b = make_queue("a"), make_queue("b")
+    request = Request("http://a/1")
+    a._scheduled(request)
+    time.sleep(0.35)
+    assert b.pop() is not None  # rescued from the intent
+    a.push(request)  # a was only slow
+    assert b.pop() is None and len(b) == 1
+
+
+def test_no_intent_for_a_request_the_dupefilter_will_drop(make_queue, redis_url):
+    q = make_queue()
+    key, fingerprint = q._dupefilter
+    request = Request("http://a/seen")
+    redis.Redis.from_url(redis_url).sadd(key, fingerprint(request))
+    q._scheduled(request)
+    assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
+    q._scheduled(Request("http://a/dont", dont_filter=True))
+    assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
+
+
+def test_a_dropped_request_leaves_no_intent(make_queue, redis_url):
+    q = make_queue()
+    request = Request("http://a/1")
+    q._scheduled(request)
+    q._dropped(request)
+    assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0

@@ -19,10 +19,13 @@ neither loses requests nor closes early.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -67,8 +70,11 @@ class ReliableQueue(Base):
         client = self.link.client
         self._scripts = {name: client.register_script(getattr(scripts, name))
                          for name in ("PUSH", "POP", "ACK", "NACK", "QUARANTINE", "RECLAIM",
-                                      "RENEW")}
+                                      "RENEW", "INTENT", "DROP_INTENT")}
         self._leased: dict[Request, str] = {}  # popped and not done -> id
+        self._intents: weakref.WeakKeyDictionary[Request, str] = weakref.WeakKeyDictionary()
+        self._tokens = itertools.count(1)
+        self._dupefilter = _dupefilter_of(crawler.settings, spider.name)
         self._lock = threading.Lock()  # _leased is read by the heartbeat thread
         self._outbox: deque[tuple[str, list[Any]]] = deque()  # writes Redis did not take
         self._last_len = 0
@@ -83,6 +89,8 @@ class ReliableQueue(Base):
                            "to close deletes the fleet's queue; set SCHEDULER_PERSIST = True")
         origins_for(crawler).on_request_finished(self._finished)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(self._scheduled, signal=signals.request_scheduled)
+        crawler.signals.connect(self._dropped, signal=signals.request_dropped)
         context_for(crawler).put("fleet_queue", self)
         self.worker = worker_for(crawler, self.link)
         self.worker.add_queue(self)
@@ -110,11 +118,44 @@ class ReliableQueue(Base):
         return int(pending), int(processing)
 
     def push(self, request: Request) -> None:
-        args = [-request.priority, self._encode_request(request)]
+        args = [-request.priority, self._encode_request(request), self._intents.pop(request, "")]
         self._flush()
-        if self._outbox or not self._write("PUSH", args):
+        result = None if self._outbox else self._write("PUSH", args)
+        if result is None:
             self._buffer("PUSH", args)
         self._inc(ad_stats.FLEET_PUSHED)
+
+    # ------------------------------------------------------------------ intents
+
+    def _scheduled(self, request: Request, spider: Any = None) -> None:
+        """Before the dupefilter marks ``request`` seen: record it, so a kill between that
+        mark and the push cannot lose it (the next pop after the deadline pushes it)."""
+        if request.dont_filter:
+            return  # never filtered: nothing marks it seen before the push
+        token = f"{self.worker_id}:{next(self._tokens)}"
+        args: list[Any] = [token, -request.priority, self._encode_request(request),
+                           self.visibility_ms]
+        if self._dupefilter is not None:
+            key, fingerprint = self._dupefilter
+            args += [key, fingerprint(request)]
+        if self._write("INTENT", args):
+            self._intents[request] = token
+            try:  # pushed or dropped in this same call stack, else abandoned
+                asyncio.get_running_loop().call_soon(self._abandoned, token)
+            except RuntimeError:
+                pass
+
+    def _dropped(self, request: Request, spider: Any = None) -> None:
+        token = self._intents.pop(request, None)
+        if token is not None:
+            self._write("DROP_INTENT", [token])
+
+    def _abandoned(self, token: str) -> None:
+        """Another request_scheduled handler ignored the request: forget its intent."""
+        for request, pending in list(self._intents.items()):
+            if pending == token:
+                del self._intents[request]
+                self._write("DROP_INTENT", [token])
 
     def pop(self, timeout: int = 0) -> Request | None:
         self._flush()
@@ -297,3 +338,20 @@ def _link_from_server(server: Any, conf: Any, stats: Any) -> FleetLink:
                      retry_after=conf.retry_after, require=conf.require_redis, stats=stats,
                      worker=conf.worker_id, password=kwargs.get("password"),
                      username=kwargs.get("username"))
+
+
+def _dupefilter_of(settings: Any, spider: str) -> tuple[str, Any] | None:
+    """(Redis key, fingerprint function) of scrapy-redis's RFPDupeFilter, if that is in use.
+
+    Lets an intent skip requests the dupefilter will drop (no write for a duplicate link).
+    """
+    from scrapy.utils.misc import load_object
+    from scrapy_redis import defaults
+    from scrapy_redis.dupefilter import RFPDupeFilter
+
+    cls = load_object(settings.get("DUPEFILTER_CLASS") or defaults.SCHEDULER_DUPEFILTER_CLASS)
+    if not (isinstance(cls, type) and issubclass(cls, RFPDupeFilter)):
+        return None
+    key = (settings.get("SCHEDULER_DUPEFILTER_KEY") or defaults.SCHEDULER_DUPEFILTER_KEY) \
+        % {"spider": spider}
+    return key, cls(None, key).request_fingerprint

@@ -9,32 +9,77 @@ Keys of a queue whose base key is ``K`` (scrapy-redis's ``SCHEDULER_QUEUE_KEY``)
   leased to the worker in ``K:owner`` until then (its heartbeat moves the deadline);
 - ``K:deliveries`` — hash id → times popped;
 - ``K:quarantine`` / ``K:qdata`` — hashes id → JSON record / serialised request;
-- ``K:seq`` — the id counter.
+- ``K:seq`` — the id counter;
+- ``K:intent`` / ``K:intents`` — a request about to pass the dupefilter: token → its
+  score, a newline and the serialised request; and token → deadline. scrapy-redis marks a request
+  seen (SADD) *before* it pushes it; a worker killed between the two would lose it for
+  good (every later copy is "seen"). The intent, written before the dupefilter, is
+  removed by the push; one left past its deadline is pushed by the next pop.
 """
 
 from __future__ import annotations
 
 KEYS = ("pending", "data", "prio", "processing", "owner", "deliveries", "quarantine", "qdata",
-        "seq")
+        "seq", "intent", "intents")
 
 NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: the queue's keys in KEYS order. ARGV: score, payload. Returns the id.
-PUSH = """
-local id = string.format('%015d', redis.call('INCR', KEYS[9]))
-redis.call('HSET', KEYS[2], id, ARGV[2])
-redis.call('HSET', KEYS[3], id, ARGV[1])
-redis.call('ZADD', KEYS[1], ARGV[1], id)
-return id
+_ADD = """
+local function add(score, payload)
+  local id = string.format('%015d', redis.call('INCR', KEYS[9]))
+  redis.call('HSET', KEYS[2], id, payload)
+  redis.call('HSET', KEYS[3], id, score)
+  redis.call('ZADD', KEYS[1], score, id)
+  return id
+end
+"""
+
+# KEYS: the queue's keys in KEYS order. ARGV: score, payload, intent token or ''.
+# Returns the id, or 0 when the intent was already pushed by another worker's pop.
+PUSH = _ADD + """
+if ARGV[3] ~= '' then
+  if redis.call('HDEL', KEYS[10], ARGV[3]) == 0 then return 0 end
+  redis.call('ZREM', KEYS[11], ARGV[3])
+end
+return add(ARGV[1], ARGV[2])
+"""
+
+# KEYS: the queue's keys. ARGV: token, score, payload, deadline ms from now;
+# then optionally the dupefilter key and the request's fingerprint: a request the
+# dupefilter has seen already will be dropped, so no intent is written (returns 0).
+INTENT = NOW + """
+if ARGV[5] and redis.call('SISMEMBER', ARGV[5], ARGV[6]) == 1 then return 0 end
+redis.call('HSET', KEYS[10], ARGV[1], ARGV[2] .. '\\n' .. ARGV[3])
+redis.call('ZADD', KEYS[11], now + tonumber(ARGV[4]), ARGV[1])
+return 1
+"""
+
+# KEYS: the queue's keys. ARGV: token. The dupefilter dropped the request after all.
+DROP_INTENT = """
+redis.call('ZREM', KEYS[11], ARGV[1])
+return redis.call('HDEL', KEYS[10], ARGV[1])
 """
 
 # Requests whose visibility deadline passed (their worker stopped heartbeating) go back
-# to pending, or past ARGV[3] deliveries to the quarantine. ARGV[4]: most to reclaim.
-_RECLAIM = """
+# to pending, or past ARGV[3] deliveries to the quarantine; intents left by a dead worker
+# are pushed. ARGV[4]: most to reclaim of each.
+_RECLAIM = _ADD + """
 local requeued, quarantined = 0, 0
+local orphans = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', now, 'LIMIT', 0,
+                           tonumber(ARGV[4]))
+for _, token in ipairs(orphans) do
+  redis.call('ZREM', KEYS[11], token)
+  local value = redis.call('HGET', KEYS[10], token)
+  if value then
+    redis.call('HDEL', KEYS[10], token)
+    local cut = string.find(value, '\\n', 1, true)
+    add(string.sub(value, 1, cut - 1), string.sub(value, cut + 1))
+    requeued = requeued + 1
+  end
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0,
                            tonumber(ARGV[4]))
 for _, id in ipairs(expired) do
