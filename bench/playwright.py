@@ -7,6 +7,10 @@ page, the other half close it as the scrapy-playwright README says. Default limi
 
 Scenario "contexts": 200 item requests each in its own context, PLAYWRIGHT_MAX_CONTEXTS=4.
 
+The handlers and spiders are the test bed's Playwright fault components
+(``scrapy_antideadlock.testing.playwright_faults``: probe handlers, IncludePageSpider,
+ContextPerItemSpider), the same ones tests/test_playwright.py runs.
+
 For each handler, in the same invocation, one crawl in a fresh child process bounded by
 ``--window`` seconds: whether it completed, items, responses, pages/min over the pages
 it completed (first request to last response), and the pages (contexts) still open in
@@ -21,114 +25,30 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HANDLERS = {  # defined by _child_classes() in the child, which runs as __main__
-    "stock": "__main__.StockProbe",
-    "safe": "__main__.SafeProbe",
-}
+FAULTS = "scrapy_antideadlock.testing.playwright_faults"
+HANDLERS = {"stock": f"{FAULTS}.StockProbe", "safe": f"{FAULTS}.SafeProbe"}
 
 
 # --------------------------------------------------------------------------- child side
 
 
-def _child_classes() -> None:
-    """Define the probe handlers and spiders (imports Scrapy; only in the child)."""
-    global StockProbe, SafeProbe, RaiseSpider, ContextSpider  # noqa: PLW0603
-
-    import scrapy
-    from scrapy_playwright.handler import ScrapyPlaywrightDownloadHandler
-    from scrapy_playwright.page import PageMethod
-
-    from scrapy_antideadlock.playwright import SafePlaywrightDownloadHandler
-    from scrapy_antideadlock.testing import SiteSpider
-
-    ready = PageMethod("wait_for_selector", "body[data-ready]")
-
-    async def count_open(handler: Any) -> None:
-        await asyncio.sleep(0.5)  # the safe handler closes finished pages within 0.25 s
-        browser = _browser_of(handler)
-        if browser is not None and browser.is_connected():
-            pages, contexts = await _browser_counts(browser)
-            handler.stats.max_value("bench/open_pages", pages)
-            handler.stats.max_value("bench/open_contexts", contexts)
-
-    class StockProbe(ScrapyPlaywrightDownloadHandler):
-        async def close(self) -> None:
-            await count_open(self)
-            await super().close()
-
-    class SafeProbe(SafePlaywrightDownloadHandler):
-        async def close(self) -> None:
-            await count_open(self)
-            await super().close()
-
-    class RaiseSpider(SiteSpider):
-        name = "bench_raise"
-        responses: list[float] = []
-
-        def request_meta(self, kind: str) -> dict[str, Any]:
-            meta: dict[str, Any] = {"playwright": True, "playwright_page_methods": [ready]}
-            if kind == "item":
-                meta["playwright_include_page"] = True
-            return meta
-
-        async def parse_item(self, response: Any, **kwargs: Any) -> Any:
-            self.responses.append(time.monotonic())
-            page = response.meta["playwright_page"]
-            key = response.css("div.item::attr(data-key)").get()
-            if int(key[1:]) % 2 == 0:
-                raise ValueError(f"callback failed on {key}")  # page left open
-            await page.close()
-            for item in super().parse_item(response):
-                yield item
-
-    class ContextSpider(SiteSpider):
-        name = "bench_contexts"
-        responses: list[float] = []
-
-        def request_meta(self, kind: str) -> dict[str, Any]:
-            meta: dict[str, Any] = {"playwright": True}
-            if kind == "item":
-                self.serial = getattr(self, "serial", 0) + 1
-                meta["playwright_context"] = f"item-{self.serial}"
-            return meta
-
-        def parse_item(self, response: Any, **kwargs: Any) -> Any:
-            self.responses.append(time.monotonic())
-            yield from super().parse_item(response)
-
-    _ = scrapy  # imported for the side effect of a configured Scrapy
-
-
-def _browser_of(handler: Any) -> Any:
-    return getattr(getattr(handler, "primary", handler), "browser", None)
-
-
-async def _browser_counts(browser: Any) -> tuple[int, int]:
-    session = await asyncio.wait_for(browser.new_browser_cdp_session(), 5)
-    targets = await asyncio.wait_for(session.send("Target.getTargets"), 5)
-    contexts = await asyncio.wait_for(session.send("Target.getBrowserContexts"), 5)
-    pages = sum(1 for t in targets["targetInfos"] if t["type"] == "page")
-    return pages, len(contexts["browserContextIds"])
-
-
-async def _browser_pid(browser: Any) -> int:
-    session = await asyncio.wait_for(browser.new_browser_cdp_session(), 5)
-    info = await asyncio.wait_for(session.send("SystemInfo.getProcessInfo"), 5)
-    return next(p["id"] for p in info["processInfo"] if p["type"] == "browser")
-
-
 async def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     from scrapy_antideadlock.testing import chromium_launch_options, run_crawl
+    from scrapy_antideadlock.testing.playwright_faults import (
+        OPEN_CONTEXTS,
+        OPEN_PAGES,
+        ContextPerItemSpider,
+        IncludePageSpider,
+        kill_leftover,
+    )
 
-    _child_classes()
-    spider = RaiseSpider if spec["scenario"] == "raise" else ContextSpider
+    spider = IncludePageSpider if spec["scenario"] == "raise" else ContextPerItemSpider
     handler = HANDLERS[spec["handler"]]
     settings: dict[str, Any] = {
         "LOG_LEVEL": "ERROR",
@@ -143,19 +63,13 @@ async def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     result = await run_crawl(spider, settings, timeout=spec["window"], expect_hang=True,
                              start_url=spec["start_url"], js=spec["scenario"] == "raise")
     stats = result.stats
-    open_pages = stats.get("bench/open_pages")
-    open_contexts = stats.get("bench/open_contexts")
+    open_pages = stats.get(OPEN_PAGES)
+    open_contexts = stats.get(OPEN_CONTEXTS)
     if not result.finished:  # hung: count what it holds now, then kill its browser
-        for h in result.crawler.engine.downloader.handlers._handlers.values():
-            browser = _browser_of(h)
-            if browser is not None and browser.is_connected():
-                try:
-                    open_pages, open_contexts = await _browser_counts(browser)
-                    os.kill(await _browser_pid(browser), signal.SIGKILL)
-                except Exception as exc:  # noqa: BLE001 - report, do not fail the bench
-                    print(f"counting/killing the hung browser failed: {exc!r}",
-                          file=sys.stderr)
-    responses = spider.responses
+        counts = await kill_leftover(result.crawler)
+        if counts is not None:
+            open_pages, open_contexts = counts
+    responses = result.crawler.spider.responses
     span = (responses[-1] - start) if responses else 0.0
     return {
         "handler": spec["handler"], "scenario": spec["scenario"],

@@ -1,8 +1,8 @@
 """SafePlaywrightDownloadHandler against real Chromium: each scrapy-playwright 0.0.48 failure
 path from FIELD-NOTES is reproduced with the stock handler (bounded) and shown fixed here.
 
-Open pages and contexts are counted by the browser itself (CDP Target.getTargets /
-Target.getBrowserContexts on the live Browser), never from the handler's bookkeeping.
+Open pages and contexts are counted by the browser itself over CDP
+(``scrapy_antideadlock.testing.playwright_faults``), never from the handler's bookkeeping.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import scrapy
-from playwright.async_api import Browser
 from scrapy.exceptions import IgnoreRequest
 from scrapy.utils.defer import deferred_f_from_coro_f
 from scrapy.utils.test import get_crawler
@@ -33,35 +32,30 @@ from scrapy_antideadlock.playwright import (
 )
 from scrapy_antideadlock.primitives import LeaseTimeout
 from scrapy_antideadlock.settings import SettingError
-from scrapy_antideadlock.testing import Fault, SiteSpider, chromium_launch_options, run_crawl
+from scrapy_antideadlock.testing import Fault, SiteSpider, run_crawl
+from scrapy_antideadlock.testing.playwright_faults import (
+    OPEN_PAGES,
+    SAFE_PROBE,
+    STOCK_PROBE,
+    ContextPerItemSpider,
+    IncludePageSpider,
+    SafeProbe,
+    StockProbe,
+    browser_counts,
+    browser_pid,
+    handler_settings,
+    kill_leftover,
+    live_browser,
+    req,
+    started,
+)
 
 pytestmark = pytest.mark.browser
 
-SAFE = "tests.test_playwright.SafeProbe"
-STOCK = "tests.test_playwright.StockProbe"
 FORCE = ad_stats.PW_PAGES_FORCE_CLOSED
 
 
-# --------------------------------------------------------------------------- browser counts
-
-
-async def browser_counts(browser: Browser) -> tuple[int, int]:
-    """(open pages, open non-default contexts) as reported by the browser over CDP."""
-    session = await asyncio.wait_for(browser.new_browser_cdp_session(), 5)
-    try:
-        targets = await asyncio.wait_for(session.send("Target.getTargets"), 5)
-        contexts = await asyncio.wait_for(session.send("Target.getBrowserContexts"), 5)
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(session.detach(), 2)
-    pages = sum(1 for t in targets["targetInfos"] if t["type"] == "page")
-    return pages, len(contexts["browserContextIds"])
-
-
-async def browser_pid(browser: Browser) -> int:
-    session = await asyncio.wait_for(browser.new_browser_cdp_session(), 5)
-    info = await asyncio.wait_for(session.send("SystemInfo.getProcessInfo"), 5)
-    return next(p["id"] for p in info["processInfo"] if p["type"] == "browser")
+# --------------------------------------------------------------------------- processes
 
 
 def proc_state(pid: int) -> str:
@@ -73,88 +67,7 @@ def proc_state(pid: int) -> str:
         return ""
 
 
-def live_browser(handler: Any) -> Browser | None:
-    return getattr(getattr(handler, "primary", handler), "browser", None)
-
-
-async def record_open_pages(handler: Any) -> None:
-    """At handler close, before its cleanup: what the browser still has open from the crawl
-    (after a few check intervals, the time our handler takes to notice a finished callback)."""
-    await asyncio.sleep(1.0)
-    browser = live_browser(handler)
-    if browser is not None and browser.is_connected():
-        pages, contexts = await browser_counts(browser)
-        stats = handler.stats
-        stats.max_value("test/browser_open_pages", pages)
-        stats.max_value("test/browser_open_contexts", contexts)
-
-
-class SafeProbe(SafePlaywrightDownloadHandler):
-    async def close(self) -> None:
-        await record_open_pages(self)
-        await super().close()
-
-
-class StockProbe(ScrapyPlaywrightDownloadHandler):
-    async def close(self) -> None:
-        await record_open_pages(self)
-        await super().close()
-
-
-def pw_settings(handler: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "LOG_LEVEL": "WARNING",
-        "DOWNLOAD_HANDLERS": {"http": handler, "https": handler},
-        "PLAYWRIGHT_LAUNCH_OPTIONS": chromium_launch_options(),
-        "PLAYWRIGHT_BROWSER_TYPE": "chromium",
-        **extra,
-    }
-
-
-async def kill_leftover(crawler: Any) -> None:
-    """After a crawl that hung: kill the stock handler's browser so nothing outlives the test."""
-    handlers = crawler.engine.downloader.handlers._handlers.values()
-    for handler in handlers:
-        config = getattr(handler, "config", None)
-        if config is not None:  # its pending downloads must not relaunch a browser
-            config.restart_disconnected_browser = False
-        browser = live_browser(handler)
-        if browser is not None and browser.is_connected():
-            with contextlib.suppress(Exception):
-                os.kill(await browser_pid(browser), signal.SIGKILL)
-
-
 # --------------------------------------------------------------------------- paths 1 + 2
-
-# The fault site's JS pages set body[data-ready]; its error pages have no #app to fill.
-READY = PageMethod("wait_for_function",
-                   "() => !document.getElementById('app') || document.body.dataset.ready")
-
-
-class IncludePageSpider(SiteSpider):
-    """Item pages with playwright_include_page=True; even keys raise without closing the page.
-
-    Odd keys close their page as the scrapy-playwright README says. Requests have no errback,
-    so a non-2xx or failed download leaves the page to nobody.
-    """
-
-    def request_meta(self, kind: str) -> dict[str, Any]:
-        meta = {"playwright": True, "playwright_page_methods": [READY]}
-        if kind == "item":
-            meta["playwright_include_page"] = True
-        return meta
-
-    def make_request(self, url: str, callback: Any, kind: str = "list") -> scrapy.Request:
-        return scrapy.Request(url, callback=callback, meta=self.request_meta(kind))
-
-    async def parse_item(self, response: Any, **kwargs: Any) -> Any:
-        page = response.meta["playwright_page"]
-        key = response.css("div.item::attr(data-key)").get()
-        if int(key[1:]) % 2 == 0:
-            raise ValueError(f"callback failed on {key}")
-        await page.close()
-        for item in super().parse_item(response):
-            yield item
 
 
 class DropOneResponse:
@@ -182,12 +95,12 @@ async def test_stock_leaks_included_pages_when_callbacks_raise(chromium: str,
     """Paths 1 + 2, stock: raised callbacks, a 500, a reset and a dropped response each leave
     a page open."""
     site = include_page_site(make_fault_site)
-    result = await run_crawl(IncludePageSpider, pw_settings(
-        STOCK, PLAYWRIGHT_MAX_PAGES_PER_CONTEXT=100, RETRY_ENABLED=False, **DROP),
+    result = await run_crawl(IncludePageSpider, handler_settings(
+        STOCK_PROBE, PLAYWRIGHT_MAX_PAGES_PER_CONTEXT=100, RETRY_ENABLED=False, **DROP),
         timeout=60, start_url=site.js_start_url, js=True)
     assert result.finished
     # 10 raising callbacks + the 500 + the reset + the dropped one: 13 pages open at close
-    assert result.stats["test/browser_open_pages"] == 13
+    assert result.stats[OPEN_PAGES] == 13
 
 
 @deferred_f_from_coro_f
@@ -195,8 +108,8 @@ async def test_stock_freezes_when_leaked_pages_fill_the_limit(chromium: str,
                                                               make_fault_site: Any) -> None:
     """FIELD-NOTES: once leaked pages fill the page limit the crawl never finishes."""
     site = include_page_site(make_fault_site)
-    result = await run_crawl(IncludePageSpider, pw_settings(
-        STOCK, PLAYWRIGHT_MAX_PAGES_PER_CONTEXT=4, RETRY_ENABLED=False),
+    result = await run_crawl(IncludePageSpider, handler_settings(
+        STOCK_PROBE, PLAYWRIGHT_MAX_PAGES_PER_CONTEXT=4, RETRY_ENABLED=False),
         timeout=15, expect_hang=True, start_url=site.js_start_url, js=True)
     try:
         assert not result.finished
@@ -212,15 +125,15 @@ async def test_stock_freezes_when_leaked_pages_fill_the_limit(chromium: str,
 async def test_included_pages_always_closed(chromium: str, make_fault_site: Any) -> None:
     """Paths 1 + 2, ours, with a page limit of 4: the crawl completes, nothing stays open."""
     site = include_page_site(make_fault_site)
-    result = await run_crawl(IncludePageSpider, pw_settings(
-        SAFE, PLAYWRIGHT_MAX_PAGES_PER_CONTEXT=4, RETRY_ENABLED=False, **DROP),
+    result = await run_crawl(IncludePageSpider, handler_settings(
+        SAFE_PROBE, PLAYWRIGHT_MAX_PAGES_PER_CONTEXT=4, RETRY_ENABLED=False, **DROP),
         timeout=60, start_url=site.js_start_url, js=True)
     assert result.finished and result.reason == "finished"
     odd = [k for k in site.item_keys()
            if int(k[1:]) % 2 and k not in ("k00003", "k00005", "k00007")]
     assert sorted(result.keys()) == odd
     stats = result.stats
-    assert stats["test/browser_open_pages"] == 0  # counted by the browser at handler close
+    assert stats[OPEN_PAGES] == 0  # counted by the browser at handler close
     assert stats[ad_stats.PW_OPEN_PAGES_AT_CLOSE] == 0
     assert stats[ad_stats.PW_OPEN_CONTEXTS_AT_CLOSE] == 0
     assert stats[ad_stats.family(FORCE, reason="after_callback")] == 13
@@ -228,22 +141,6 @@ async def test_included_pages_always_closed(chromium: str, make_fault_site: Any)
 
 
 # --------------------------------------------------------------------------- handler level
-
-
-@contextlib.asynccontextmanager
-async def started(cls: type, **settings: Any) -> Any:
-    """A launched handler outside a crawl (no engine: nothing counts as "callback done")."""
-    crawler = get_crawler(scrapy.Spider, pw_settings("unused", **settings))
-    handler = cls.from_crawler(crawler)
-    await asyncio.wait_for(handler._launch(), 30)
-    try:
-        yield handler
-    finally:
-        await asyncio.wait_for(handler.close(), 30)
-
-
-def req(url: str, **meta: Any) -> scrapy.Request:
-    return scrapy.Request(url, meta={"playwright": True, **meta}, dont_filter=True)
 
 
 def page_pools(handler: SafePlaywrightDownloadHandler) -> list[Any]:
@@ -470,7 +367,7 @@ async def test_crashed_page_releases_its_slot_once(chromium: str, make_fault_sit
 async def test_browser_hung_in_close_is_killed(chromium: str, make_fault_site: Any) -> None:
     """Item 4: a browser that does not close in time (here: SIGSTOPped) is killed."""
     site = make_fault_site(pages=1)
-    crawler = get_crawler(scrapy.Spider, pw_settings(
+    crawler = get_crawler(scrapy.Spider, handler_settings(
         "unused", ANTIDEADLOCK_PLAYWRIGHT_SHUTDOWN_TIMEOUT=2,
         ANTIDEADLOCK_PLAYWRIGHT_CLOSE_TIMEOUT=0.5))
     handler = SafePlaywrightDownloadHandler.from_crawler(crawler)
@@ -493,20 +390,6 @@ async def test_browser_hung_in_close_is_killed(chromium: str, make_fault_site: A
 
 
 # --------------------------------------------------------------------------- crawls
-
-
-class ContextPerItemSpider(SiteSpider):
-    """Plain (fast) pages through the browser; every item request in its own context."""
-
-    def request_meta(self, kind: str) -> dict[str, Any]:
-        meta: dict[str, Any] = {"playwright": True}
-        if kind == "item":
-            meta["playwright_context"] = f"item-{next(self.counter)}"
-        return meta
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.counter = itertools.count()
 
 
 KILL_AT = (4, 10, 16)  # new_page calls right after which the browser is SIGKILLed
@@ -553,7 +436,7 @@ async def test_stock_browser_killed_mid_new_page_hangs(chromium: str,
     """Path 5, stock: a new_page in flight when the browser dies never returns (it hung in
     every run here with 3 kills; FIELD-NOTES: 5/10 runs with one kill)."""
     site = make_fault_site(pages=2, items_per_page=10)
-    result = await run_crawl(ContextPerItemSpider, pw_settings(
+    result = await run_crawl(ContextPerItemSpider, handler_settings(
         "tests.test_playwright.StockKillMidNewPage", CONCURRENT_REQUESTS=4),
         timeout=15, expect_hang=True, start_url=site.start_url)
     try:
@@ -568,7 +451,7 @@ async def test_browser_killed_mid_new_page_crawl_completes(chromium: str,
                                                            make_fault_site: Any) -> None:
     """Path 5 / item 5, ours: the browser dies 3 times mid-new_page; the crawl gets everything."""
     site = make_fault_site(pages=2, items_per_page=10)
-    result = await run_crawl(ContextPerItemSpider, pw_settings(
+    result = await run_crawl(ContextPerItemSpider, handler_settings(
         "tests.test_playwright.KillMidNewPage", CONCURRENT_REQUESTS=4),
         timeout=90, start_url=site.start_url)
     assert result.finished and result.reason == "finished"
@@ -577,7 +460,7 @@ async def test_browser_killed_mid_new_page_crawl_completes(chromium: str,
     assert stats["test/kills"] == len(KILL_AT)
     assert stats[ad_stats.PW_BROWSER_RESTARTS] == len(KILL_AT)
     assert stats[ad_stats.PW_CRASH_RETRIES] >= len(KILL_AT)
-    assert stats["test/browser_open_pages"] == 0
+    assert stats[OPEN_PAGES] == 0
     assert stats[ad_stats.PW_OPEN_PAGES_AT_CLOSE] == 0
     assert stats[ad_stats.PW_OPEN_CONTEXTS_AT_CLOSE] == 0
 
@@ -637,7 +520,7 @@ async def test_context_per_request_stays_within_limit_and_closes(chromium: str,
 
 
 def test_bad_setting_fails_at_start_naming_it() -> None:
-    crawler = get_crawler(scrapy.Spider, pw_settings(
+    crawler = get_crawler(scrapy.Spider, handler_settings(
         "unused", ANTIDEADLOCK_PLAYWRIGHT_CALL_TIMEOUT="-1"))
     with pytest.raises(SettingError, match="ANTIDEADLOCK_PLAYWRIGHT_CALL_TIMEOUT"):
         SafePlaywrightDownloadHandler.from_crawler(crawler)
@@ -646,7 +529,7 @@ def test_bad_setting_fails_at_start_naming_it() -> None:
 @pytest.mark.parametrize("share", [True, False])
 def test_http_and_https_share_one_browser(share: bool) -> None:
     """Item 7: one driver/browser and one set of limits per crawler (unless switched off)."""
-    crawler = get_crawler(scrapy.Spider, pw_settings(
+    crawler = get_crawler(scrapy.Spider, handler_settings(
         "unused", ANTIDEADLOCK_PLAYWRIGHT_SHARE_BROWSER=share))
     http = SafePlaywrightDownloadHandler.from_crawler(crawler)
     https = SafePlaywrightDownloadHandler.from_crawler(crawler)
@@ -713,7 +596,7 @@ async def test_cancel_through_the_guarded_handler(chromium: str, make_fault_site
     site = make_fault_site(pages=1)
     site.add_fault("/hang*", Fault.hang())
     stock = "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler"
-    settings = pw_settings(stock, ADDONS={"scrapy_antideadlock.Addon": 0},
+    settings = handler_settings(stock, ADDONS={"scrapy_antideadlock.Addon": 0},
                            RETRY_ENABLED=False, ANTIDEADLOCK_WATCHDOG_ENABLED=False,
                            ANTIDEADLOCK_JOURNAL_ENABLED=False)
     result = await run_crawl(CancelThroughGuardSpider, settings, timeout=60, site=site)
@@ -779,13 +662,13 @@ async def test_page_passed_to_a_follow_up_request_is_kept_for_it(
     """A page handed on in meta stays open for the follow-up request (not closed between)."""
     site = make_fault_site(pages=1)
     # the delay keeps each follow-up queued for longer than the check interval
-    result = await run_crawl(FollowUpSpider, pw_settings(SAFE, DOWNLOAD_DELAY=0.5), timeout=60,
-                             start_url=site.start_url)
+    result = await run_crawl(FollowUpSpider, handler_settings(SAFE_PROBE, DOWNLOAD_DELAY=0.5),
+                             timeout=60, start_url=site.start_url)
     assert result.finished and len(result.items) == 3
     assert all(item["same_page"] for item in result.items)
     stats = result.stats
     assert ad_stats.family(FORCE, reason="after_callback") not in stats
-    assert stats["test/browser_open_pages"] == 0
+    assert stats[OPEN_PAGES] == 0
 
 
 @deferred_f_from_coro_f

@@ -18,7 +18,13 @@ from scrapy_playwright.page import PageMethod
 from scrapy_antideadlock import stats as ad_stats
 from scrapy_antideadlock.playwright import SAFE_PATH, SafePlaywrightDownloadHandler
 from scrapy_antideadlock.testing import SiteSpider, run_crawl
-from tests.test_playwright import browser_counts, live_browser, pw_settings, req, started
+from scrapy_antideadlock.testing.playwright_faults import (
+    browser_counts,
+    handler_settings,
+    live_browser,
+    req,
+    started,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -73,7 +79,7 @@ async def test_one_context_slot_two_named_contexts_alternately(
     request that waits, so the crawl ends with every item (upstream: it waits forever)."""
     site = make_fault_site(pages=2, items_per_page=6)
     caplog.set_level(logging.DEBUG, logger="scrapy-playwright")
-    result = await run_crawl(TwoContextsSpider, pw_settings(
+    result = await run_crawl(TwoContextsSpider, handler_settings(
         SAFE_PATH, PLAYWRIGHT_MAX_CONTEXTS=1, RETRY_ENABLED=False),
         timeout=120, start_url=site.start_url)
     assert result.finished and result.reason == "finished"

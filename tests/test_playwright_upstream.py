@@ -35,6 +35,7 @@ from scrapy_antideadlock import compat
 from scrapy_antideadlock.compat import playwright as pw_compat
 from scrapy_antideadlock.playwright import PlaywrightCallTimeout, SafePlaywrightDownloadHandler
 from scrapy_antideadlock.testing import chromium_launch_options
+from scrapy_antideadlock.testing.playwright_faults import browser_pid, req
 
 pytestmark = pytest.mark.browser
 
@@ -109,10 +110,6 @@ async def launched(cls: type, **extra: Any) -> AsyncIterator[Any]:
         yield handler
     finally:
         await asyncio.wait_for(handler.close(), 30)
-
-
-def req(url: str, **meta: Any) -> scrapy.Request:
-    return scrapy.Request(url, meta={"playwright": True, **meta}, dont_filter=True)
 
 
 def logged(caplog: Any, level: int, message: str) -> bool:
@@ -321,10 +318,7 @@ async def test_log_messages_and_timeout_type(handler_cls: type, site: str,
 
 async def kill_browser(browser: Browser) -> None:
     """SIGKILL the browser process of ``browser`` (asked over CDP; nothing else is touched)."""
-    session = await asyncio.wait_for(browser.new_browser_cdp_session(), 10)
-    info = await asyncio.wait_for(session.send("SystemInfo.getProcessInfo"), 10)
-    os.kill(next(p["id"] for p in info["processInfo"] if p["type"] == "browser"),
-            signal.SIGKILL)
+    os.kill(await browser_pid(browser), signal.SIGKILL)
 
 
 async def until(condition: Any, timeout: float = 10) -> None:
