@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import linecache
 import os
@@ -51,6 +52,7 @@ _IO_PARTS = tuple(f"{os.sep}{name}{os.sep}" for name in (
 _PRIMITIVE_FILES = (f"asyncio{os.sep}locks.py", f"asyncio{os.sep}queues.py")
 
 
+@functools.lru_cache(maxsize=4096)
 def is_user_code(filename: str) -> bool:
     """The project's own code: not the standard library, not an installed package, not
     this pack (its shipped test scenarios stand for project code and count as such)."""
