@@ -42,6 +42,7 @@ from . import signals as ad_signals
 from . import stats as ad_stats
 from .context import context_for
 from .reactor import require_asyncio_reactor
+from .watchdog.classes import BLOCKED_LOOP
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class HealthExtension:
         return monitor
 
     def stall_detected(self, diagnosis: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if (diagnosis or {}).get("class") == "blocked_loop":
+        if (diagnosis or {}).get("class") == BLOCKED_LOOP.name:
             return  # seen directly from the heartbeat; the signal arrives after the block
         self._stall_progress = self._progress()
         self._stall = dict(diagnosis or {})
@@ -269,7 +270,7 @@ class HealthExtension:
             watchdog_state = "flowing"
         if age >= self.conf.loop_blocked_after:
             status.update(healthy=False, state="stalled:blocked_loop",
-                          diagnosis={"class": "blocked_loop", "blocked_for": round(age, 3),
+                          diagnosis={"class": BLOCKED_LOOP.name, "blocked_for": round(age, 3),
                                      "where": (getattr(monitor, "last_episode", None) or {})
                                      .get("where", "")})
         elif stall is not None or (watchdog_state or "").startswith("stalled"):

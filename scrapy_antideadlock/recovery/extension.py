@@ -41,6 +41,7 @@ from ..context import context_for
 from ..lifecycle.components import tracker_for
 from ..lifecycle.victims import choose_victim
 from ..reactor import require_asyncio_reactor
+from ..watchdog.classes import BLOCKED_LOOP, DEADLOCK
 from .closing import PREEMPTIBLE as _PREEMPTIBLE
 from .closing import Closer
 from .exit import EXIT_BLOCKED_LOOP, hard_exit
@@ -150,7 +151,7 @@ class Recovery:
         stall_class = str(diagnosis.get("class") or "unknown")
         if self.closing or self.closed.is_set():
             return
-        if stall_class == "blocked_loop":
+        if stall_class == BLOCKED_LOOP.name:
             return  # the loop runs again (this signal is delivered on it); see _loop_blocked
         now = time.monotonic()
         window = float(diagnosis.get("window") or 10.0)
@@ -212,7 +213,7 @@ class Recovery:
         done = self._cancel_stuck_downloads(episode)
         diagnosis = episode["diagnosis"]
         deadline = self.lifecycle_deadline or episode["window"]
-        declared = stall_class == "deadlock" or bool(diagnosis.get("cycle"))
+        declared = stall_class == DEADLOCK.name or bool(diagnosis.get("cycle"))
         if declared or self._all_in_process():
             # a total wait: if someone holds what the others wait for, abort one victim per
             # step so the rest proceed (independent waits are preempted below instead)
@@ -276,7 +277,7 @@ class Recovery:
             overdue = entry.deadline is not None and entry.deadline <= now
             transfer_age = now - entry.transfer_started if entry.transfer_started else 0.0
             stuck = (entry.stage == "transfer" and transfer_age >= window) or (
-                stall_class == "deadlock" and entry.stage == "lease_wait"
+                stall_class == DEADLOCK.name and entry.stage == "lease_wait"
                 and now - entry.started >= window)
             if not (overdue or stuck) or entry.cancel_exc is not None:
                 continue
@@ -326,5 +327,5 @@ class Recovery:
         hard_exit(self.crawler, EXIT_BLOCKED_LOOP, "blocked_loop",
                   f"event loop blocked for {age:.1f}s in {info.get('where') or '?'}",
                   stack=info.get("stack"),
-                  diagnosis={"class": "blocked_loop", "blocked_for": age,
+                  diagnosis={"class": BLOCKED_LOOP.name, "blocked_for": age,
                              **{k: info.get(k) for k in ("where", "frames", "stack")}})
