@@ -148,14 +148,16 @@ async def crawl(site: FaultSite, spider: type, settings: dict[str, Any]) -> Any:
 
 
 def accounted(site: FaultSite, result: Any, tmp_path: Path) -> None:
-    """Every item of the site is stored, dead-lettered, or its request quarantined or
-    pending in the journal (nothing lost)."""
+    """Every item of the site is stored, dead-lettered, or its request quarantined, pending
+    in the journal, or failed visibly in the spider's errback (e.g. a deadline the pack's
+    downloader gave up on under load): nothing silently lost."""
     stored = {item["key"] for item in result.items}
     dead = {record["item"]["key"] for record in state(tmp_path, "deadletter.jsonl")}
     quarantined = {record["url"] for record in state(tmp_path, "quarantine.jsonl")}
     pending = set(pending_urls(tmp_path))
+    failed = {url for url, _ in result.crawler.spider.failures}
     lost = [key for key in site.item_keys() if key not in stored | dead
-            and site.url(f"/item/{key}") not in quarantined | pending]
+            and site.url(f"/item/{key}") not in quarantined | pending | failed]
     assert not lost, (lost, result.reason, result.stats)
 
 

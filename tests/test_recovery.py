@@ -50,7 +50,7 @@ async def test_poison_url_is_requeued_then_quarantined(tmp_path):
     assert result.reason == "finished"
     keys = sorted(item["key"] for item in result.items)
     assert keys == sorted(k for k in site.item_keys() if k != "k00007")
-    assert hits == 3  # first try + 2 requeues
+    assert 3 <= hits <= 6  # first try + 2 requeues, each maybe hedged once (DEADLINE_HEDGE)
     stats = result.stats
     assert stats["antideadlock/watchdog/cancelled"] == 3
     assert stats["antideadlock/watchdog/requeued"] == 2
