@@ -421,3 +421,13 @@ def test_a_dropped_request_leaves_no_intent(make_queue, redis_url):
     q._scheduled(request)
     q._dropped(request)
     assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
+
+
+def test_clear_spares_a_queue_other_workers_still_use(make_queue):
+    a, b = make_queue("a"), make_queue("b")
+    a.push(Request("http://a/1"))
+    a.clear()  # SCHEDULER_PERSIST off: b is alive, so nothing is deleted
+    assert len(b) == 1
+    b.worker.stop()
+    a.clear()
+    assert len(a) == 0

@@ -85,8 +85,9 @@ class ReliableQueue(Base):
                 "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT", "seconds > 2 x HEARTBEAT_INTERVAL",
                 conf.visibility_timeout, "a live worker's requests would be re-delivered")
         if not crawler.settings.getbool("SCHEDULER_PERSIST"):
-            logger.warning("antideadlock fleet: SCHEDULER_PERSIST is off, so the first worker "
-                           "to close deletes the fleet's queue; set SCHEDULER_PERSIST = True")
+            logger.warning("antideadlock fleet: SCHEDULER_PERSIST is off, so the last worker "
+                           "to close deletes the fleet's queue, quarantine included; set "
+                           "SCHEDULER_PERSIST = True to keep them")
         origins_for(crawler).on_request_finished(self._finished)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self._scheduled, signal=signals.request_scheduled)
@@ -195,7 +196,20 @@ class ReliableQueue(Base):
         return request
 
     def clear(self) -> None:
-        self.link.call(self.link.client.delete, *self.keys)
+        """scrapy-redis calls this at close without SCHEDULER_PERSIST (and with
+        SCHEDULER_FLUSH_ON_START): never while other workers are alive, whose queue it is."""
+        try:
+            alive = [key for key in self.link.call(
+                lambda: list(self.link.client.scan_iter(self.link.key("worker", "*"))))
+                if key.decode() != self.worker.key]
+            if alive:
+                logger.warning("antideadlock fleet: not clearing the shared queue %s: %d other "
+                               "workers are alive (set SCHEDULER_PERSIST = True)", self.key,
+                               len(alive))
+                return
+            self.link.call(self.link.client.delete, *self.keys)
+        except BackendUnavailable:
+            pass
 
     def _encode_request(self, request: Request) -> bytes:
         obj = request.to_dict(spider=self.spider)
