@@ -31,7 +31,7 @@ from ..reactor import require_asyncio_reactor
 from . import classes, report
 from .classify import Evidence, Thresholds, classify
 from .diagnosis import Diagnosis
-from .meter import RequestFlow, counter_values, p99_of, stall_window
+from .meter import RequestFlow, check_settings, counter_values, p99_of, stall_window
 from .probe import Probe, UnitsReader, latency_tracker
 from .tasks import suspended_tasks
 from .threadpools import thread_pools
@@ -91,7 +91,7 @@ class Watchdog:
         if not cfg.enabled:
             raise NotConfigured("ANTIDEADLOCK_WATCHDOG_ENABLED is False")
         require_asyncio_reactor("Watchdog", crawler.settings)
-        _check(cfg)
+        check_settings(cfg)
         watchdog = cls(crawler, cfg)
         sig = crawler.signals
         sig.connect(watchdog.engine_started, signal=scrapy_signals.engine_started)
@@ -376,37 +376,10 @@ class Watchdog:
     # ------------------------------------------------------------------ health line
     def health(self) -> dict[str, Any]:
         """The numbers behind the health line (also for /healthz)."""
-        now = time.monotonic()
-        pending = self.pending()
-        monitor = self.monitor if self._monitor_started else None
-        lag = monitor.lag_stats() if monitor is not None else None
-        return {
-            "state": self.state,
-            "items": self.stats.get_value("item_scraped_count", 0),
-            "progress_in_window": self.meter.progress_in(self.window(), now),
-            "in_flight": pending["downloading"], "concurrency": self.concurrency,
-            "scheduled": pending["scheduled"],
-            "heartbeat_age": None if monitor is None else monitor.heartbeat_age(),
-            "lag_p99": None if lag is None else lag["p99"],
-            "pools": [(s.name, s.in_use, s.capacity, len(s.waiters))
-                      for s in self.registry.snapshot()],
-            "window": self.window(), "armed": monitor is not None and monitor.running,
-            "interventions": self.interventions,
-        }
+        return report.health_numbers(self)
 
     def log_health(self) -> None:
         try:
             logger.info("%s", report.render_health(self.health()))
         except Exception:
             logger.exception("antideadlock watchdog: health line failed")
-
-
-def _check(cfg: Any) -> None:
-    if cfg.window_min > cfg.window_max:
-        raise ad_settings.SettingError(
-            "ANTIDEADLOCK_WATCHDOG_WINDOW_MIN", "seconds <= ANTIDEADLOCK_WATCHDOG_WINDOW_MAX",
-            cfg.window_min)
-    if cfg.blocked_threshold <= cfg.heartbeat:
-        raise ad_settings.SettingError(
-            "ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD",
-            "seconds > ANTIDEADLOCK_WATCHDOG_HEARTBEAT", cfg.blocked_threshold)

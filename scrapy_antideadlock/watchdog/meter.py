@@ -11,10 +11,11 @@ import time
 from collections import deque
 from typing import Any
 
+from ..settings import SettingError
 from .diagnosis import Culprit
 from .waits import culprit_of_callable
 
-__all__ = ["RequestFlow", "counter_values", "p99_of", "stall_window"]
+__all__ = ["RequestFlow", "check_settings", "counter_values", "p99_of", "stall_window"]
 
 # exception names that mean "the peer did not answer in time" (Twisted, Scrapy, this pack)
 _TIMEOUT_WORDS = ("TimeoutError", "DeadlineExceeded", "DownloadCancelled", "ResponseNeverReceived")
@@ -111,3 +112,15 @@ def _stat_total(values: dict[str, Any], name: str) -> float:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_settings(cfg: Any) -> None:
+    """Settings that are each valid but contradict one another fail at start."""
+    if cfg.window_min > cfg.window_max:
+        raise SettingError(
+            "ANTIDEADLOCK_WATCHDOG_WINDOW_MIN", "seconds <= ANTIDEADLOCK_WATCHDOG_WINDOW_MAX",
+            cfg.window_min)
+    if cfg.blocked_threshold <= cfg.heartbeat:
+        raise SettingError(
+            "ANTIDEADLOCK_WATCHDOG_BLOCKED_THRESHOLD",
+            "seconds > ANTIDEADLOCK_WATCHDOG_HEARTBEAT", cfg.blocked_threshold)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -18,7 +19,7 @@ from .diagnosis import Culprit, Diagnosis, StuckUnit
 
 logger = logging.getLogger("scrapy_antideadlock.watchdog")
 
-__all__ = ["count", "diagnosis", "inflight_table", "pool_tables", "render", "render_health", "write_file"]
+__all__ = ["count", "diagnosis", "health_numbers", "inflight_table", "pool_tables", "render", "render_health", "write_file"]
 
 
 def pool_tables(snapshots: list[Any]) -> dict[str, Any]:
@@ -203,3 +204,23 @@ def diagnosis(wd: Any, stall_class: str, evidence: list[str], *, now: float, sin
     return Diagnosis(stall_class, wd.episodes + 1, window, since, evidence,
                      culprit=culprit, units=units or [], cycle=cycle, details=details)
 
+
+def health_numbers(wd: Any) -> dict[str, Any]:
+    """The numbers behind the watchdog's health line (also for /healthz)."""
+    now = time.monotonic()
+    pending = wd.pending()
+    monitor = wd.monitor if wd._monitor_started else None
+    lag = monitor.lag_stats() if monitor is not None else None
+    return {
+        "state": wd.state,
+        "items": wd.stats.get_value("item_scraped_count", 0),
+        "progress_in_window": wd.meter.progress_in(wd.window(), now),
+        "in_flight": pending["downloading"], "concurrency": wd.concurrency,
+        "scheduled": pending["scheduled"],
+        "heartbeat_age": None if monitor is None else monitor.heartbeat_age(),
+        "lag_p99": None if lag is None else lag["p99"],
+        "pools": [(s.name, s.in_use, s.capacity, len(s.waiters))
+                  for s in wd.registry.snapshot()],
+        "window": wd.window(), "armed": monitor is not None and monitor.running,
+        "interventions": wd.interventions,
+    }
