@@ -11,44 +11,47 @@ managers' chain functions.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 from . import require
 
 __all__ = ["chain_method", "engine_closing", "fetch", "fetch_needs_spider"]
 
-# Scrapy's functions that call one component method after another, and the local
-# variable holding the method being awaited.
+# Scrapy's functions that call one component method after another, and the stage they
+# stand for. Scrapy 2.14+: methods of the managers; 2.13: functions nested in
+# DownloaderMiddlewareManager.download (the same loop variable).
 _CHAIN_FUNCTIONS = {
     "_process_request": "middleware:process_request",
     "_process_response": "middleware:process_response",
     "_process_exception": "middleware:process_exception",
     "_process_chain": None,  # pipelines (process_item) and spider middlewares
+    "process_request": "middleware:process_request",
+    "process_response": "middleware:process_response",
+    "process_exception": "middleware:process_exception",
 }
+_CHAIN_FILES = (os.path.join("scrapy", "core", "downloader", "middleware.py"),
+                os.path.join("scrapy", "middleware.py"))
 
 
 def _has_chain_locals() -> bool:
-    from scrapy.core.downloader.middleware import DownloaderMiddlewareManager
-    from scrapy.middleware import MiddlewareManager
+    from scrapy.core.downloader import middleware
 
-    sources = [inspect.getsource(getattr(DownloaderMiddlewareManager, name))
-               for name in ("_process_request", "_process_response", "_process_exception")]
-    sources.append(inspect.getsource(MiddlewareManager._process_chain))
-    return all("for method in" in source for source in sources)
+    return "for method in self.methods" in inspect.getsource(middleware)
 
 
-require("scrapy.core.downloader.middleware.DownloaderMiddlewareManager._process_* locals",
-        "naming the middleware or pipeline a stuck request waits in when it returned a "
-        "Deferred", _has_chain_locals)
+require("scrapy.core.downloader.middleware.DownloaderMiddlewareManager chain loop variable "
+        "'method'", "naming the middleware or pipeline a stuck request waits in when it "
+        "returned a Deferred", _has_chain_locals)
 
 
 def chain_method(frame: Any) -> tuple[str | None, Any] | None:
     """(stage or None, the component method) if ``frame`` is one of Scrapy's chain loops."""
     code = frame.f_code
-    if code.co_name not in _CHAIN_FUNCTIONS or "scrapy" not in code.co_filename:
+    if code.co_name not in _CHAIN_FUNCTIONS or not code.co_filename.endswith(_CHAIN_FILES):
         return None
     method = frame.f_locals.get("method")
-    if method is None:
+    if method is None or not callable(method):
         return None
     return _CHAIN_FUNCTIONS[code.co_name], method
 
