@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from scrapy_antideadlock.primitives.deadletter import read_dead_letters
 from scrapy_antideadlock.primitives.journal import iter_urls, read_pending
 from scrapy_antideadlock.recovery import EXIT_BLOCKED_LOOP, EXIT_CLOSE_TIMEOUT
 from scrapy_antideadlock.testing import FaultSite, Latency, SiteSpider, run_crawl_subprocess
@@ -161,3 +162,27 @@ def test_blocked_loop_then_resume_completes(site, tmp_path, how):
 
 
 SiteSpider_ = SiteSpider  # importable from this module for the subprocess
+
+
+def test_sigterm_during_a_stuck_pipeline_ends_bounded_with_stats(site, tmp_path):
+    # Scrapy's own close (SIGTERM) waits for the stuck items with no timeout; recovery bounds
+    # it: the items are preempted (dead-lettered) and the graceful close completes.
+    hang = ["k00003", "k00042"]
+    settings = settings_for(tmp_path, ITEM_PIPELINES={f"{HERE}.HangingPipeline": 100},
+                            ANTIDEADLOCK_WATCHDOG_WINDOW=60.0,
+                            ANTIDEADLOCK_RECOVERY_CLOSE_DEADLINE=4.0)
+    proc = run_crawl_subprocess(f"{HERE}:SiteSpider_", settings | {
+        "ANTIDEADLOCK_TEST_HANG_KEYS": hang}, items_path=tmp_path / "run.jsonl",
+        spider_kwargs={"start_url": site.start_url})
+    deadline = time.monotonic() + 30
+    while len(proc.items()) < 40:  # the crawl is well under way; the two items are stuck
+        assert time.monotonic() < deadline and proc.returncode is None, proc.log_tail()
+        time.sleep(0.05)
+    proc.kill(signal.SIGTERM)
+    sent = time.monotonic()
+    assert proc.wait(30) in (0, 1), proc.log_tail()
+    assert time.monotonic() - sent < 4.0 + 10  # close deadline + slack
+    stats = proc.stats()
+    assert stats is not None and stats["_close_reason"] == "shutdown"  # the stats dump ran
+    dead = read_dead_letters(tmp_path / "journal" / "deadletter.jsonl")
+    assert "k00003" in {record["item"]["key"] for record in dead} <= set(hang)

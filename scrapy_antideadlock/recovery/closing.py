@@ -88,7 +88,8 @@ class Closer:
             preempted = self.preempt_all("shutdown")
             if preempted:
                 logger.warning("antideadlock recovery: the spider close waited %.0fs for work "
-                               "in progress; preempted %d units (kept pending in the journal)",
+                               "in progress; preempted %d units (requests kept pending in the "
+                               "journal, items dead-lettered)",
                                elapsed, preempted)
         if elapsed >= deadline and self.recovery.level >= _EXIT:
             self.stats.inc_value(ad_stats.WATCHDOG_CLOSE_TIMEOUTS)
