@@ -132,6 +132,7 @@ def fleet_settings(redis_url: str, prefix: str, worker: str, *, reliable: bool =
         settings.update({
             "ANTIDEADLOCK_PROXY_LIST": {proxy.url: 2 for proxy in proxies},
             "ANTIDEADLOCK_DEADLINE_INITIAL": 5.0,
+            "ANTIDEADLOCK_DEADLINE_MAX": 5.0,  # so a lease's TTL is at most 5 + 1 s
             "ANTIDEADLOCK_PROXY_LEASE_GRACE": 1.0,
             # 4 x 32 requests queue for 6 slots on a busy machine: a request may wait
             # longer than its deadline many times; it must be retried, not given up.
@@ -202,7 +203,7 @@ def test_sigkilled_worker_loses_nothing_and_its_leases_return(make_fault_proxy, 
             assert health["healthy"] and "loop_heartbeat_age" in health  # /healthz's JSON
             tokens = [(k, t) for k in client.scan_iter(f"{prefix}:lease:proxy:*:o")
                       for t, v in client.hgetall(k).items() if v.startswith(name.encode())]
-            # Its leases return within their TTL (deadline 5 s + grace 1 s) ...
+            # Its leases return within their TTL (deadline <= 5 s + grace 1 s) ...
             wait_for(lambda: all(_expired(client, k, t) for k, t in tokens), 6.5,
                      "the dead worker's leases did not expire within the TTL", procs)
             assert time.monotonic() - killed_at <= 6.5
