@@ -243,6 +243,8 @@ FLEET_REDELIVERED = _stat("fleet/redelivered",
                           "Requests of dead workers this worker put back in the shared queue.")
 FLEET_QUARANTINED = _stat("fleet/quarantined",
                           "Requests sent to the fleet-wide quarantine (deliveries or recovery).")
-FLEET_BUFFERED = _stat("fleet/buffered",
-                       "Queue writes (push, ack) buffered while Redis was unreachable.")
+FLEET_BUFFERED = _stat("fleet/buffered", "Pushes buffered while Redis was unreachable.")
+FLEET_NOT_ACKED = _stat("fleet/not_acked",
+                        "Requests that finished while Redis was unreachable: left to be "
+                        "re-delivered (what their callbacks yielded may not have been queued).")
 FLEET_HEARTBEATS = _stat("fleet/heartbeats", "Heartbeats written.")

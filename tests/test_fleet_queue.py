@@ -190,22 +190,29 @@ def test_heartbeat_key_holds_the_health_json(make_queue, redis_url, prefix):
     assert 0 < client.pttl(f"{prefix}:worker:hb") <= 300
 
 
-def test_redis_down_buffers_writes_and_keeps_the_worker_alive(make_queue, redis_server):
+def test_redis_down_buffers_pushes_and_redelivers_what_finished_meanwhile(make_queue,
+                                                                         redis_server):
     q = make_queue(ANTIDEADLOCK_FLEET_REDIS_URL=redis_server.url,
                    ANTIDEADLOCK_FLEET_RETRY_AFTER=0.05)
     q.push(Request("http://a/1"))
     request = q.pop()
     redis_server.stop()
     q.push(Request("http://a/2"))  # buffered
-    finish(q, request)  # ack buffered
+    finish(q, request)  # not acknowledged: what its callback yielded may be lost
     assert q.pop() is None and len(q) >= 1  # unknown: never "done" while down
     redis_server.start()
     time.sleep(0.1)
     again = q.pop()  # the buffer is written first
     assert again is not None and again.url == "http://a/2"
     finish(q, again)
+    time.sleep(0.35)  # the visibility timeout of the request that finished unacknowledged
+    redelivered = q.pop()
+    assert redelivered is not None and redelivered.url == "http://a/1"
+    finish(q, redelivered)
     assert len(q) == 0
-    assert q.crawler.stats.get_value("antideadlock/fleet/buffered") == 2
+    stats = q.crawler.stats
+    assert stats.get_value("antideadlock/fleet/buffered") == 1
+    assert stats.get_value("antideadlock/fleet/not_acked") == 1
 
 
 # ---------------------------------------------------------------- fleet status

@@ -270,7 +270,10 @@ def test_redis_restarted_mid_crawl_workers_carry_on(make_fault_proxy, redis_serv
         try:
             wait_for(lambda: sum(len(p.items()) for p in procs) >= ITEMS // 8, 40,
                      "no progress before the restart", procs)
-            redis_server.restart()  # SIGTERM, then a new server on the same port and data
+            redis_server.stop()  # SIGTERM (the append-only file keeps the data)
+            wait_for(lambda: any("UNREACHABLE" in p.log_path.read_text() for p in procs), 20,
+                     "no worker noticed the outage", procs)
+            redis_server.start()  # same port, same data
             for proc in procs:
                 assert proc.wait(BOUND) == 0, proc.log_tail()
         finally:

@@ -12,9 +12,10 @@ its callback finished and its items passed the pipelines (the
 requests re-delivered by the next pop of any live worker; a request delivered
 ``FLEET_MAX_DELIVERIES`` times goes to a fleet-wide quarantine instead.
 
-While Redis is unreachable, pushes and acks are buffered in memory and written when it
-answers again, pops return nothing, and the queue reports pending work so the worker
-neither loses requests nor closes early.
+While Redis is unreachable, pushes are buffered in memory and written when it answers
+again, requests that finish are not acknowledged (they are re-delivered later), pops
+return nothing, and the queue reports pending work so the worker neither loses requests
+nor closes early.
 """
 
 from __future__ import annotations
@@ -237,17 +238,18 @@ class ReliableQueue(Base):
             self._ack(rid)
 
     def _ack(self, rid: str) -> None:
+        self._flush()
+        result = None if self._outbox else self._write("ACK", [rid, self.worker_id])
+        if result is None:
+            # Redis was unreachable while this request ran: the requests its callback
+            # yielded may have failed at scrapy-redis's dupefilter and be gone. It stays
+            # leased, no longer renewed, so it is re-delivered after the visibility timeout
+            # and its callback runs again (a re-crawl, never a loss).
+            self._inc(ad_stats.FLEET_NOT_ACKED)
+            return
         self.counts["acked"] += 1
         self._inc(ad_stats.FLEET_ACKED)
-        args = [rid, self.worker_id]
-        self._flush()
-        if self._outbox:
-            self._buffer("ACK", args)
-            return
-        result = self._write("ACK", args)
-        if result is None:
-            self._buffer("ACK", args)
-        elif int(result) == 2:
+        if int(result) == 2:
             self._inc(ad_stats.FLEET_STALE_ACKS)
 
     def _give_back(self, rid: str) -> None:
@@ -331,8 +333,6 @@ class ReliableQueue(Base):
             if result is None:
                 return
             self._outbox.popleft()
-            if script == "ACK" and int(result) == 2:
-                self._inc(ad_stats.FLEET_STALE_ACKS)
 
     def _inc(self, name: str, count: int = 1) -> None:
         if self.stats is not None:
