@@ -168,11 +168,12 @@ class HealthExtension:
         asyncio.get_event_loop().call_soon(self._attach_monitor)
         if self.conf.http_port is not None:
             self._start_http()
+        # READY before the thread that pings: systemd must never see WATCHDOG=1 first
+        self.notifier.notify(f"READY=1\nSTATUS=crawling ({self.crawler.spider.name})\n"
+                             f"MAINPID={os.getpid()}")
         self._thread = threading.Thread(target=self._run, name="antideadlock-health",
                                         daemon=True)
         self._thread.start()
-        self.notifier.notify(f"READY=1\nSTATUS=crawling ({self.crawler.spider.name})\n"
-                             f"MAINPID={os.getpid()}")
 
     def _attach_monitor(self) -> None:
         if self._monitor is None and not self._stop.is_set():

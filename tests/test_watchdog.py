@@ -180,12 +180,16 @@ async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any) -
     site = make_fault_site(pages=1, items_per_page=3)
     site.add_fault("/item/*", Fault.hang())
     found: list[dict[str, Any]] = []
+    reached: dict[str, float] = {}  # url -> when it reached the downloader (our own clock)
 
     class Spider(SiteSpider):
         @classmethod
         def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
             crawler.signals.connect(lambda diagnosis, **kw: found.append(diagnosis),
                                     ad_signals.stall_detected, weak=False)
+            crawler.signals.connect(
+                lambda request, **kw: reached.setdefault(request.url, time.monotonic()),
+                signals.request_reached_downloader, weak=False)
             return super().from_crawler(crawler, *args, **kwargs)
 
     settings = wd_settings(tmp_path, DOWNLOAD_TIMEOUT=6, RETRY_ENABLED=False)
@@ -194,7 +198,14 @@ async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any) -
     assert [d["class"] for d in found] == ["stalled_io"], [d["evidence"] for d in found]
     flight = found[0]["in_flight"]
     assert flight["count"] == 3
-    assert all("/item/" in e["request"] and e["age"] >= 2.0 for e in flight["oldest"])
+    # each hanging request's age is its real time in the downloader at detection (the
+    # requests reach it a little after the last progress, later still under load)
+    detected = found[0]["monotonic"]
+    for entry in flight["oldest"]:
+        url = entry["request"].split()[-1]
+        assert "/item/" in url and url in reached, entry
+        assert abs(entry["age"] - (detected - reached[url])) < 0.05, (entry, reached)
+        assert entry["age"] > 1.0, entry  # hung for most of the 2 s window, not just sent
     assert all(e["stage"] == "transfer" for e in flight["oldest"])
     assert not monitor_threads()
 

@@ -56,9 +56,13 @@ class Probe:
                 if key in self._transfer_started]
 
     def age_of(self, request: Any, now: float, default: float) -> float:
-        """Seconds since the request was first seen in the downloader (else ``default``)."""
+        """Seconds since the request reached the downloader (from the signal; else since a
+        tick first saw it there, which lags by up to a tick; else ``default``)."""
         seen = self._inflight_seen.get(id(request)) if request is not None else None
-        return now - seen[1] if seen is not None else default
+        if seen is None:
+            return default
+        started = self._transfer_started.get(id(request))
+        return now - (seen[1] if started is None else min(seen[1], started))
 
     # ------------------------------------------------------------------ readings
     def pending(self) -> dict[str, Any]:
@@ -131,8 +135,9 @@ class Probe:
                     timeout = request.meta.get("download_timeout")
                     if isinstance(timeout, (int, float)) and timeout > 0:
                         deadline = started + timeout
+                since = first_seen if started is None else min(first_seen, started)
                 out.append({"request": describe(request), "owner": request.meta.get(META_KEY),
-                            "age": now - first_seen,
+                            "age": now - since,
                             "stage": "transfer" if started is not None else "queued",
                             "deadline_in": None if deadline is None else deadline - now})
         out.sort(key=lambda e: -e["age"])
