@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from scrapy_antideadlock.fleet.status import collect
-from scrapy_antideadlock.testing import FaultSite, Latency, run_crawl_subprocess
+from scrapy_antideadlock.testing import Fault, FaultSite, Latency, run_crawl_subprocess
 from scrapy_antideadlock.testing.spiders import SiteSpider
 
 SPIDER = "scrapy_antideadlock.testing.spiders:SiteSpider"
@@ -323,3 +323,33 @@ def test_hard_exit_gives_leased_requests_back_at_once(redis_url, prefix, tmp_pat
             assert after.wait(BOUND) == 0, after.log_tail()
     union = {item["key"] for p in (proc, after) for item in p.items()}
     assert union == set(site.expected_keys())
+
+
+def test_recovery_requeues_through_the_shared_queue_and_quarantines_fleet_wide(
+        redis_url, prefix, tmp_path):
+    poison = FaultSite.key(7)
+    with FaultSite(pages=1, items_per_page=ITEMS // 6, latency=Latency.fixed(0.01)) as site:
+        site.add_fault(f"/item/{poison}", Fault.hang())
+        settings = fleet_settings(
+            redis_url, prefix, "rq", ANTIDEADLOCK_TEST_PAGES=1,
+            ANTIDEADLOCK_WATCHDOG_ENABLED=True, ANTIDEADLOCK_WATCHDOG_WINDOW=1.5,
+            ANTIDEADLOCK_WATCHDOG_HEALTH_INTERVAL=0, ANTIDEADLOCK_DEADLINE_INITIAL=60.0,
+            ANTIDEADLOCK_DEADLINE_MIN=60.0, ANTIDEADLOCK_DEADLINE_MAX=60.0,
+            DOWNLOAD_TIMEOUT=120, ANTIDEADLOCK_RECOVERY_LEVEL="close",
+            ANTIDEADLOCK_RECOVERY_MAX_REQUEUES=1, ANTIDEADLOCK_RECOVERY_GRACE=30.0,
+            ANTIDEADLOCK_RECOVERY_QUARANTINE_FILE=str(tmp_path / "quarantine.jsonl"))
+        proc = run_crawl_subprocess(AllItemsSpider, settings, items_path=tmp_path / "rq.jsonl",
+                                    spider_kwargs={"start_url": site.start_url})
+        with proc:
+            assert proc.wait(BOUND) == 0, proc.log_tail()
+        hits = site.hits[f"/item/{poison}"]
+    stats = proc.stats()
+    assert stats["antideadlock/watchdog/requeued"] == 1
+    assert stats["antideadlock/fleet/pushed"] >= ITEMS // 6 + 1  # the requeued copy too
+    assert 2 <= hits <= 4
+    client = redis.Redis.from_url(redis_url)
+    [record] = [json.loads(r) for r in client.hvals(f"{prefix}:site:requests:quarantine")]
+    assert record["reason"] == "recovery" and record["attempts"] == 2
+    assert record["url"].endswith(poison)
+    assert client.zcard(f"{prefix}:site:requests:pending") == 0
+    assert client.zcard(f"{prefix}:site:requests:processing") == 0
