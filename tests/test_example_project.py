@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,10 +39,10 @@ def _env() -> dict[str, str]:
 class _Crawl:
     """A ``scrapy crawl`` child; a thread collects its output and the moment it exited."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, project: Path, *args: str) -> None:
         cmd = [sys.executable, "-m", "scrapy", "crawl", *args]
         self.started = time.monotonic()
-        self.popen = subprocess.Popen(cmd, cwd=PROJECT, env=_env(), stdout=subprocess.PIPE,
+        self.popen = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True)
         self.output = ""
@@ -71,12 +72,20 @@ class _Crawl:
 
 
 @pytest.fixture
-def crawl() -> Iterator[Callable[..., _Crawl]]:
-    """Start ``scrapy crawl <args>``; whatever still runs at teardown is killed."""
+def crawl(tmp_path: Path) -> Iterator[Callable[..., _Crawl]]:
+    """Start ``scrapy crawl <args>``; whatever still runs at teardown is killed.
+
+    The crawls run in a copy of the project: its ``.state/`` files (quarantine, dead
+    letters, heartbeats) are then this test's own, not shared with a test running the
+    demo at the same time on another xdist worker, nor left over from an earlier run.
+    """
+    project = tmp_path / "example_project"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns(
+        ".state", ".pg", ".scrapy", "__pycache__"))
     started: list[_Crawl] = []
 
     def start(*args: str) -> _Crawl:
-        started.append(_Crawl(*args))
+        started.append(_Crawl(project, *args))
         return started[-1]
 
     yield start
