@@ -1,0 +1,76 @@
+"""The architecture rules a reader relies on, enforced (docs/internals.md)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scrapy_antideadlock"
+MAX_LINES = 450  # "about 400"; settings.py and stats.py are declaration tables
+_TABLES = {"settings.py", "stats.py"}
+
+_PRIVATE = re.compile(
+    r"\._slot\b|_process_queue|total_concurrency|scraper\.slot|\.nextcall\b|remove_request"
+    r"|scrapy_playwright\._|\b_make_request_handler\b|\b_get_response_and_download\b")
+
+
+def _modules(*, include_testing: bool = False) -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*.py"))
+            if include_testing or "testing" not in p.relative_to(PACKAGE).parts]
+
+
+def _code_only(path: Path) -> str:
+    """The module's source without docstrings and comments (they may name internals)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            body[0] = ast.Pass()
+    return ast.unparse(tree)
+
+
+def test_private_scrapy_names_live_only_in_compat():
+    offenders = {}
+    for path in _modules():
+        if "compat" in path.relative_to(PACKAGE).parts:
+            continue
+        found = sorted(set(_PRIVATE.findall(_code_only(path))))
+        if found:
+            offenders[str(path.relative_to(PACKAGE))] = found
+    assert offenders == {}
+
+
+def test_no_module_level_per_crawler_state():
+    """Per-crawler state lives in the crawler context, never in a module or class table."""
+    offenders = []
+    for path in _modules(include_testing=True):
+        if path.name == "context.py":
+            continue
+        tree = ast.parse(path.read_text())
+        scopes = [tree.body] + [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
+        for body in scopes:
+            for node in body:
+                if not isinstance(node, ast.Assign | ast.AnnAssign):
+                    continue
+                text = ast.unparse(node)
+                if re.search(r"WeakKeyDictionary|WeakValueDictionary|dict\[int,|id\(crawler\)",
+                             text):
+                    offenders.append(f"{path.relative_to(PACKAGE)}: {text[:80]}")
+    assert offenders == []
+
+
+def test_modules_stay_small():
+    big = {str(p.relative_to(PACKAGE)): n for p in _modules()
+           if p.name not in _TABLES and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert big == {}
+
+
+def test_comments_point_only_into_the_repository():
+    pattern = re.compile(r"FIELD-NOTES|DESIGN\.md|\bDESIGN\b|\bissue \d+|the seed'?s?\b")
+    root = PACKAGE.parent
+    hits = [f"{p.relative_to(root)}:{i}" for d in ("scrapy_antideadlock", "bench", "example_project")
+            for p in sorted((root / d).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
