@@ -33,10 +33,12 @@ class DeadlineExceeded(DownloadCancelled):
     """The request's deadline (lease wait + slot queue + transfer) ran out. Retryable."""
 
     def __init__(self, timeout: float | None, elapsed: float, stage: str,
-                 reason: str = "deadline exceeded", key: str | None = None) -> None:
+                 reason: str = "deadline exceeded", key: str | None = None,
+                 budget: float | None = None) -> None:
         self.timeout = timeout
         self.elapsed = elapsed
         self.key = key  # the latency key (downloader slot) the deadline came from
+        self.budget = budget  # seconds the transfer itself was given, if it started
         limit = "none" if timeout is None else f"{timeout:.2f}s"
         super().__init__(f"{reason} after {elapsed:.2f}s (deadline {limit})", stage=stage,
                          retry=True)

@@ -89,32 +89,37 @@ async def test_user_timeout_ceiling_holds_for_the_last_retry(make_fault_site) ->
     assert sorted(result.keys()) == site.item_keys(), result.crawler.spider.failures
 
 
+@pytest.mark.parametrize("retry_times", [None, 2])
 @pytest_twisted.ensureDeferred
-async def test_site_that_slows_down_mid_crawl_loses_nothing(make_fault_site) -> None:
-    # Scaled from 0.1 s -> 20 s: 0.02 s -> 2 s after 20 items, with the default
-    # RETRY_TIMES (2). The deadline learned on the fast pages is ~0.3 s; the slowed
-    # site cuts most transfers, so the deadline grows instead of spending the retries.
+async def test_site_that_slows_down_mid_crawl_loses_nothing(make_fault_site,
+                                                            retry_times: int | None) -> None:
+    # Scaled from 0.1 s -> 20 s: 0.02 s -> 4 s after 25 items, with RETRY_TIMES left at
+    # Scrapy's default or set by the user (2, the same value). The deadline learned on
+    # the fast pages is ~0.3 s; the slowed site cuts most transfers, so the deadline
+    # grows (censored samples) instead of spending the user's retries.
     site = make_fault_site(pages=4, items_per_page=15, latency=Latency.fixed(0.02))
     served: set[str] = set()
 
-    def slowed(path: str) -> bool:  # the 26th distinct detail page on answer in 2 s
+    def slowed(path: str) -> bool:  # the 26th distinct detail page on answers in 4 s
         if not path.startswith("/item/"):
             return False
         if len(served) < 25:
             served.add(path)
         return path not in served
 
-    site.add_fault(slowed, Fault.slow_headers(2.0))
+    site.add_fault(slowed, Fault.slow_headers(4.0))
 
     settings = {**ADDON, "ANTIDEADLOCK_DEADLINE_MIN": 0.25, "ANTIDEADLOCK_DEADLINE_BUFFER": 0.2,
                 "ANTIDEADLOCK_DEADLINE_MIN_SAMPLES": 10}
+    if retry_times is not None:
+        settings["RETRY_TIMES"] = retry_times
     result = await run_crawl(SiteSpider, settings, timeout=120, start_url=site.start_url)
     assert result.finished, result.diagnostics
     assert sorted(result.keys()) == site.item_keys(), result.crawler.spider.failures
     stats = result.stats
     assert stats["antideadlock/deadline/exceeded/transfer"] >= 1  # the slowdown was felt
     assert stats.get("antideadlock/deadline/gave_up", 0) == 0
-    assert stats["antideadlock/deadline/timeout/127.0.0.1"] > 2.0  # grew past the new latency
+    assert stats["antideadlock/deadline/timeout/127.0.0.1"] > 4.0  # grew past the new latency
 
 
 @pytest_twisted.ensureDeferred

@@ -168,14 +168,20 @@ class DownloadGuard:
 
     def exceeded(self, entry: InFlightDownload, stage: str,
                  reason: str = "deadline exceeded") -> DeadlineExceeded:
-        if (stage == "transfer" and entry.transfer_started is not None
-                and not entry.request.meta.get(RETRY_COUNT_KEY)):
-            # a censored sample: this latency is at least the time it was given
-            self.latency.censor(entry.key, time.monotonic() - entry.transfer_started)
+        budget = None
+        if stage == "transfer" and entry.transfer_started is not None:
+            # A censored sample: this latency is at least the time it was given. A retry
+            # that ran no longer than the slot's T tells nothing new (a hang retried).
+            given = time.monotonic() - entry.transfer_started
+            if (not entry.request.meta.get(RETRY_COUNT_KEY)
+                    or given > 1.05 * self.timeouts_for(entry.key)[0]):
+                self.latency.censor(entry.key, given)
+            if entry.deadline is not None:
+                budget = entry.deadline - entry.transfer_started
         self.inc(ad_stats.DEADLINE_EXCEEDED)
         self.inc(ad_stats.family(ad_stats.DEADLINE_EXCEEDED_STAGE, stage=stage))
         return DeadlineExceeded(entry.timeout, time.monotonic() - entry.started, stage, reason,
-                                key=entry.key)
+                                key=entry.key, budget=budget)
 
     def remove_from_slot_queue(self, entry: InFlightDownload) -> bool:
         """Fail a request still waiting in its downloader slot queue (safe: docs/internals.md)."""

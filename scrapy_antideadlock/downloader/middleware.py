@@ -8,15 +8,16 @@ those three itself: at 350 every request would carry a ``download_timeout`` and 
 user's value could not be told from the default any more. (Running after 350
 instead would also put the deadline after RecoveryMiddleware's process_exception.)
 
-Retries follow the user's RETRY settings. Two kinds of cut are the pack's own
-doing rather than the site's, and are retried without using RETRY_TIMES: a request
-cut while still queued (it never reached the site), and a transfer cut below the
-ceiling while most recent transfers of its slot were cut too (the deadline was too
-short for the site; it grows) or while RETRY_TIMES is left at Scrapy's default (plain
-Scrapy would not have cut it there). A request's first deadline retry goes out at once
-(no priority change), so hung requests leave no tail at the end of the crawl; later
-ones go behind fresh work. The attempt RETRY_TIMES leaves last always runs
-under the user's full timeout, so the pack never gives up on a request that plain
+Retries follow the user's RETRY settings. Some cuts are the pack's own doing
+rather than the site's, and are retried without using RETRY_TIMES: a request cut
+while still queued (it never reached the site), and a transfer cut below the ceiling
+while most recent transfers of its slot were cut too, or under a deadline the slot
+has since outgrown by half (the deadline was too short for the site; it grows), or
+while RETRY_TIMES is left at Scrapy's default (plain Scrapy would not have cut it
+there). A request's first deadline retry goes out at once (no priority change), so
+hung requests leave no tail at the end of the crawl; later ones go behind fresh
+work. The attempt RETRY_TIMES leaves last always runs under the user's full
+timeout, so the pack never gives up on a request that plain
 Scrapy would have waited for.
 """
 
@@ -118,7 +119,8 @@ class DeadlineMiddleware:
             own = isinstance(exception, DeadlineExceeded) and key is not None and (
                 exception.stage == "queued"
                 or (exception.stage == "transfer" and (
-                    not self.retry_times_set or guard.latency.mostly_censored(key))))
+                    not self.retry_times_set or guard.latency.mostly_censored(key)
+                    or self._outgrown(request, exception, key))))
             return self._retry(request, exception, own=own)
         return None
 
@@ -153,6 +155,14 @@ class DeadlineMiddleware:
         new.meta.pop(DEADLINE_KEY, None)
         self.guard.inc(ad_stats.DEADLINE_RETRIES)
         return new
+
+    def _outgrown(self, request: Request, exception: DeadlineExceeded, key: str) -> bool:
+        """Whether the slot's deadline has since grown to 1.5 x what this transfer was given
+        (the site slowed down and the deadline is catching up), below the ceiling."""
+        budget = exception.budget
+        ceiling = request.meta.get(USER_TIMEOUT_KEY) or self.guard.policy.maximum
+        return (budget is not None and budget < 0.95 * ceiling
+                and self.guard.timeouts_for(key)[0] > 1.5 * budget)
 
     def _adjust(self, request: Request, exception: Exception) -> int:
         """Priority change of a retry. A request's first deadline retry goes out at once:

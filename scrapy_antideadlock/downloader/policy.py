@@ -79,8 +79,8 @@ class DeadlinePolicy:
         their last allowed attempt (``full``). A retry on a warm slot keeps T: the slot
         answers in time, so the cut was this request's hang, not slowness, and a longer
         deadline would only lengthen the crawl's tail (a slot that really slowed down
-        raises T itself through its censored samples). On a cold slot each retry gets
-        DEADLINE_RETRY_BACKOFF times more. So does a request that timed out waiting for a
+        raises T itself through its censored samples). On a cold slot, or one where most
+        recent transfers were cut, each retry gets DEADLINE_RETRY_BACKOFF times more. So does a request that timed out waiting for a
         proxy (``lease_retries``): it never reached the site, and hung holders of the pool
         must not starve it of its lease retries.
         """
@@ -91,7 +91,9 @@ class DeadlinePolicy:
         if user_timeout and not warm:
             timeout = user_timeout  # not warm yet: the user's value, not INITIAL
         timeout = min(timeout, ceiling)
-        backoff = (0 if warm else retries) + lease_retries
+        # cold, or most of the slot is being cut: slowness, not this request's hang
+        slowed = warm and retries and self.latency.mostly_censored(key)
+        backoff = (retries if not warm or slowed else 0) + lease_retries
         if backoff:
             timeout = min(timeout * self.retry_backoff ** backoff, ceiling)
         return timeout
