@@ -61,6 +61,7 @@ async def test_a_transfer_hung_past_p99_is_hedged_and_the_copy_wins(make_fault_s
     site = make_fault_site(pages=1, items_per_page=30, latency=Latency.fixed(0.01))
     site.add_fault("/item/k00025", Fault.hang(), times=1)
     result = await run_crawl(SiteSpider, {**FAST, "ANTIDEADLOCK_DEADLINE_MIN": 30.0,
+                                          "ANTIDEADLOCK_DEADLINE_HEDGE": True,
                                           "CONCURRENT_REQUESTS": 2}, timeout=60,
                              start_url=site.start_url)
     assert result.finished
