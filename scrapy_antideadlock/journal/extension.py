@@ -43,6 +43,7 @@ from ..origin import JOURNAL_KEY, origins_for
 from ..primitives.deadletter import DeadLetterStore
 from ..primitives.journal import Journal, JournalLocked
 from ..reactor import require_asyncio_reactor
+from ..timers import every, later
 from .codec import decode_payload, encode_payload, to_dict
 
 logger = logging.getLogger(__name__)
@@ -195,10 +196,7 @@ class RequestJournal:
             logger.info("antideadlock journal %s: %d pending from a previous run, %d replayed, "
                         "%d left to JOBDIR, %d not replayable", self.directory, len(pending),
                         replayed, len(left_to_jobdir), len(unreplayable))
-        from scrapy.utils.asyncio import create_looping_call
-
-        self._ticker = create_looping_call(self._tick)
-        self._ticker.start(min(self.conf.fsync_interval, 1.0), now=False)
+        self._ticker = every(min(self.conf.fsync_interval, 1.0), self._tick)
 
     def _rebuild(self, record: dict[str, Any], spider: Any) -> Request | None:
         payload = record.get("r")
@@ -291,9 +289,7 @@ class RequestJournal:
     def _flush_soon(self) -> None:
         """One ``write`` per event-loop turn for everything journaled in it."""
         if self._flush_call is None:
-            from twisted.internet import reactor
-
-            self._flush_call = reactor.callLater(0, self._flush)
+            self._flush_call = later(0, self._flush)
 
     def _flush(self) -> None:
         self._flush_call = None

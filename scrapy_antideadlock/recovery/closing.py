@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import stats as ad_stats
 from ..compat.lifecycle import engine_closing
 from ..journal import keep_pending
+from ..timers import Repeating, Timer, every, later
 from .exit import EXIT_CLOSE_TIMEOUT, hard_exit
 
 if TYPE_CHECKING:
@@ -44,9 +45,9 @@ class Closer:
         self.stats = recovery.stats
         self.tracker = recovery.tracker
         self.closing = False
-        self._close_timer: Any = None
-        self._sweep_timer: Any = None
-        self._close_watch: Any = None  # looping call: a close recovery did not start
+        self._close_timer: Timer | None = None
+        self._sweep_timer: Timer | None = None
+        self._close_watch: Repeating | None = None  # a close recovery did not start
         self._foreign_close: float | None = None
 
     @property
@@ -55,19 +56,16 @@ class Closer:
 
     def stop(self) -> None:
         watch, self._close_watch = self._close_watch, None
-        if watch is not None and watch.running:
+        if watch is not None:
             watch.stop()
         for name in ("_close_timer", "_sweep_timer"):
             timer = getattr(self, name)
             setattr(self, name, None)
-            if timer is not None and timer.active():
+            if timer is not None:
                 timer.cancel()
 
     def start_watch(self) -> None:
-        from scrapy.utils.asyncio import create_looping_call
-
-        self._close_watch = create_looping_call(self._watch_close)
-        self._close_watch.start(1.0, now=False)
+        self._close_watch = every(1.0, self._watch_close)
 
     def _watch_close(self) -> None:
         """A close recovery did not start (SIGTERM, CLOSESPIDER_*) waits, like any close, for
@@ -119,11 +117,9 @@ class Closer:
         self.closing = self.recovery.requeuer.closing = True
         reason = f"antideadlock_{stall_class}"
         self.stats.inc_value(ad_stats.family(ad_stats.WATCHDOG_CLOSES, stall_class=stall_class))
-        from twisted.internet import reactor
-
         if self.recovery.level >= _EXIT:
-            self._close_timer = reactor.callLater(self.conf.close_deadline,
-                                                  self._close_timeout, reason, diagnosis)
+            self._close_timer = later(self.conf.close_deadline,
+                                      self._close_timeout, reason, diagnosis)
         cancelled = self.preempt_all(reason)
         journal = self.recovery.ctx.get("journal")
         pending = journal.save() if journal is not None else None
@@ -131,7 +127,7 @@ class Closer:
                      "the spider (%s), %d units preempted, %s requests pending in the journal",
                      self.conf.grace, reason, cancelled, "no journal:" if pending is None
                      else pending)
-        self._sweep_timer = reactor.callLater(1.0, self._sweep, reason)
+        self._sweep_timer = later(1.0, self._sweep, reason)
         await self.crawler.engine.close_spider_async(reason=reason)
 
     def preempt_all(self, reason: str) -> int:
@@ -161,9 +157,7 @@ class Closer:
                 if unit.request is not None:
                     keep_pending(unit.request)
                 self.tracker.cancel(unit, f"{reason}: closing, {unit.age:.0f}s in {unit.stage}")
-        from twisted.internet import reactor
-
-        self._sweep_timer = reactor.callLater(1.0, self._sweep, reason)
+        self._sweep_timer = later(1.0, self._sweep, reason)
 
     def _close_timeout(self, reason: str, diagnosis: Any) -> None:
         """The close hangs although its work was preempted (code that ignores cancels)."""

@@ -41,6 +41,7 @@ from ..context import context_for
 from ..lifecycle.components import tracker_for
 from ..lifecycle.victims import choose_victim
 from ..reactor import require_asyncio_reactor
+from ..timers import Timer, later
 from ..watchdog.classes import BLOCKED_LOOP, DEADLOCK
 from .closing import PREEMPTIBLE as _PREEMPTIBLE
 from .closing import Closer
@@ -80,7 +81,7 @@ class Recovery:
         self.middleware_active = False
         self.closed = threading.Event()
         self._episode: dict[str, Any] | None = None
-        self._episode_timer: Any = None  # twisted DelayedCall
+        self._episode_timer: Timer | None = None
         self.closer = Closer(self)
         self.close_reason: str | None = None
         self.ctx.put("recovery", self)
@@ -176,7 +177,7 @@ class Recovery:
     def _cancel_timer(self, name: str) -> None:
         timer = getattr(self, name)
         setattr(self, name, None)
-        if timer is not None and timer.active():
+        if timer is not None:
             timer.cancel()
 
     def _step(self) -> None:
@@ -194,10 +195,8 @@ class Recovery:
         if elapsed >= self.conf.grace and self.level >= LEVELS.index("close"):
             deferred_from_coro(self.close(episode["class"], episode["diagnosis"]))
             return
-        from twisted.internet import reactor
-
         delay = max(0.2, min(episode["window"] / 4, 1.0))
-        self._episode_timer = reactor.callLater(delay, self._step)
+        self._episode_timer = later(delay, self._step)
 
     def _progress(self) -> tuple[Any, ...]:
         """The watchdog's progress counters (items by default): responses alone are not

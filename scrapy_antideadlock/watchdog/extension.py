@@ -28,6 +28,7 @@ from ..primitives.deadline import LatencyTracker
 from ..primitives.progress import ProgressMeter
 from ..primitives.waitgraph import analyse
 from ..reactor import require_asyncio_reactor
+from ..timers import every
 from . import classes, report
 from .classify import Evidence, Thresholds, classify
 from .diagnosis import Diagnosis
@@ -150,12 +151,7 @@ class Watchdog:
         self.monitor.start()
 
     def _start_loop(self, fn: Callable[[], object], interval: float) -> None:
-        from twisted.internet import task
-
-        call = task.LoopingCall(fn)
-        call.start(interval, now=False).addErrback(
-            lambda failure: logger.error("antideadlock watchdog loop failed: %s", failure))
-        self._tasks.append(call)
+        self._tasks.append(every(interval, fn, name=f"watchdog {fn.__name__}"))
 
     def _stop_all(self) -> None:
         if self._stopped:
@@ -169,8 +165,7 @@ class Watchdog:
                                     or self.meter.last_progress > episode["detected"]):
             self._clear(episode, now)  # progress resumed just before the close
         for call in self._tasks:
-            if call.running:
-                call.stop()
+            call.stop()
         self._tasks.clear()
         if self._monitor_started:
             lag = self.monitor.lag_stats()
