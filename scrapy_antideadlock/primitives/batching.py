@@ -6,8 +6,9 @@ statement is an error anyway) and sorted by key before it is written.
 
 :class:`BatchBuffer` collects entries and hands them to one flush at a time (so a
 later batch never overtakes an earlier one for the same key) when the batch is
-full, when the oldest entry waited ``max_delay``, right after the previous flush
-(group commit), or when asked to drain. Entries
+full, when the oldest entry waited ``max_delay`` (nobody awaits entries), at once when
+someone does (group commit: what queued behind the previous flush goes next), or when
+asked to drain. Entries
 hold a slot of a bounded buffer; a producer that finds it full waits with a timeout.
 No Scrapy import; runs on one asyncio loop, ``snapshot()`` may be called from any thread.
 """
@@ -182,15 +183,17 @@ class BatchBuffer:
     def _kick(self, after_flush: bool = False) -> None:
         """Start a flush if one is due and none runs; else arm the delay timer.
 
-        Group commit clocks itself: entries that arrived during a flush already waited
-        for it, so with ``eager`` (someone awaits each entry) they go right after it;
-        ``max_delay`` gathers a batch when the writer was idle, or always when nobody
-        waits (bigger batches, fewer transactions).
+        Group commit clocks itself: with ``eager`` (someone awaits each entry) an idle
+        writer flushes at once, and entries that arrived during a flush go right after
+        it, so a batch is whatever queued behind the last commit and no entry waits for a
+        timer (at 16 concurrent requests, a 100 ms gathering delay would hold every item
+        that long). ``max_delay`` gathers a batch only when nobody waits (buffered mode:
+        bigger batches, fewer transactions).
         """
         if self._task is not None or not self._pending:
             return
         loop = asyncio.get_running_loop()
-        due = ((after_flush and self.eager) or self._draining or len(self._pending) >= self.batch_size
+        due = (self.eager or self._draining or len(self._pending) >= self.batch_size
                or self.clock() - self._pending[0].since >= self.max_delay)
         if due:
             if self._timer is not None:
