@@ -583,6 +583,14 @@ def validate_all(settings: Any) -> None:
         check_names(settings)
     for name in SETTINGS:
         get(settings, name)
+    for low, high in _ORDERED:
+        if get(settings, PREFIX + low) > get(settings, PREFIX + high):
+            raise SettingError(PREFIX + low, f"a value <= {PREFIX + high} "
+                               f"({get(settings, PREFIX + high)})", get(settings, PREFIX + low))
+
+
+#: Pairs of settings whose values must stay in order (checked with every other setting).
+_ORDERED = (("DEADLINE_MIN", "DEADLINE_MAX"),)
 
 
 def _names_in(settings: Any) -> list[str]:

@@ -40,6 +40,14 @@ def test_bad_value_names_setting_and_accepted_form(name, value):
     assert "expected" in str(info.value)
 
 
+def test_bounds_out_of_order_fail_at_start():
+    s = Settings({"ANTIDEADLOCK_DEADLINE_MIN": 90, "ANTIDEADLOCK_DEADLINE_MAX": 60})
+    with pytest.raises(SettingError, match="ANTIDEADLOCK_DEADLINE_MIN: expected a value <= "
+                                           "ANTIDEADLOCK_DEADLINE_MAX"):
+        ad.validate_all(s)
+    ad.validate_all(Settings({"ANTIDEADLOCK_DEADLINE_MIN": 60, "ANTIDEADLOCK_DEADLINE_MAX": 60}))
+
+
 def test_unknown_setting_is_a_typo_with_a_suggestion():
     s = Settings({"ANTIDEADLOCK_DEADLINE_MULTIPLER": 2})
     with pytest.raises(SettingError, match="did you mean ANTIDEADLOCK_DEADLINE_MULTIPLIER"):
