@@ -36,6 +36,7 @@ __all__ = ["SafePlaywrightDownloadHandler"]
 
 logger = logging.getLogger(__package__)
 ROLE = "playwright"  # the crawler context's name for the handler that owns the browser
+LAUNCH_MIN_BOUND = 30.0  # seconds; Playwright's own default launch timeout
 
 
 def _failure_reason(exc: BaseException, download: Download | None) -> str:
@@ -102,9 +103,11 @@ class SafePlaywrightDownloadHandler(UpstreamMirror):
         await asyncio.shield(self._launching)
 
     async def _launch_once(self) -> None:
+        # A launch takes what the machine gives it (seconds on a loaded host), not what a
+        # page call should take: a short call cap must not fail the crawl at its start.
+        bound = max(2 * self.opts.call_timeout, LAUNCH_MIN_BOUND)
         await self.calls.run("start", super()._launch(),
-                             deadline=time.monotonic() + 2 * self.opts.call_timeout,
-                             cap=2 * self.opts.call_timeout)
+                             deadline=time.monotonic() + bound, cap=bound)
         for ctx in self.books.contexts.values():
             ctx.startup = True
         self._sweeper = asyncio.ensure_future(self.books.sweep_loop())
