@@ -1,8 +1,9 @@
 """Liveness for supervisors: heartbeat file, systemd sd_notify and ``/healthz``, off-loop.
 
 A supervisor can only restart a stuck crawl if something tells it the crawl is
-stuck. Everything here runs on its own threads, because the worst case — a blocked
-event loop — silences anything that runs on the loop. All outputs report healthy
+stuck. Everything here runs off the loop, on the loop monitor's thread (and the HTTP
+server's own), because the worst case — a blocked event loop — silences anything that
+runs on the loop. All outputs report healthy
 only while the crawl progresses (or is legitimately idle):
 
 * unhealthy when the loop has not run for ``HEALTH_LOOP_BLOCKED_AFTER`` seconds
@@ -138,7 +139,8 @@ class HealthExtension:
         self._closing = False
         self._started = time.monotonic()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._job: Any = None  # the check, on the loop monitor's thread
+        self._next_file = self._next_ping = 0.0
         self._server: ThreadingHTTPServer | None = None
         self._server_thread: threading.Thread | None = None
         self._last_healthy: bool | None = None
@@ -164,29 +166,24 @@ class HealthExtension:
     def engine_started(self) -> None:
         import asyncio
 
-        # after every engine_started handler began (the watchdog starts its monitor there)
-        asyncio.get_event_loop().call_soon(self._attach_monitor)
         if self.conf.http_port is not None:
             self._start_http()
-        # READY before the thread that pings: systemd must never see WATCHDOG=1 first
+        # READY before the check that pings: systemd must never see WATCHDOG=1 first
         self.notifier.notify(f"READY=1\nSTATUS=crawling ({self.crawler.spider.name})\n"
                              f"MAINPID={os.getpid()}")
-        self._thread = threading.Thread(target=self._run, name="antideadlock-health",
-                                        daemon=True)
-        self._thread.start()
+        # after every engine_started handler began (the watchdog starts its monitor there)
+        asyncio.get_event_loop().call_soon(self._attach_monitor)
 
     def _attach_monitor(self) -> None:
         if self._monitor is None and not self._stop.is_set():
             self._monitor = self._find_monitor()
+            tick = min(self.conf.interval, self.ping_every or self.conf.interval, 0.5)
+            self._job = self._monitor.add_periodic(tick, self._check, now=True)
 
     def _find_monitor(self) -> Any:
-        try:
-            from .watchdog import watchdog_for
-        except ImportError:
-            watchdog_for = None  # type: ignore[assignment]
-        watchdog = watchdog_for(self.crawler) if watchdog_for is not None else None
-        monitor = getattr(watchdog, "monitor", None)
-        if monitor is not None:
+        """The crawler's loop monitor (the watchdog's), or one of health's own."""
+        monitor = context_for(self.crawler).get("loopmonitor")
+        if monitor is not None and monitor.running:
             return monitor
         import asyncio
 
@@ -197,6 +194,7 @@ class HealthExtension:
                               threshold=threshold, name="antideadlock-health-loopmonitor")
         monitor.start()
         self._own_monitor = True
+        context_for(self.crawler).put("loopmonitor", monitor)
         return monitor
 
     def stall_detected(self, diagnosis: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -229,11 +227,11 @@ class HealthExtension:
         self.stop()
 
     def stop(self) -> None:
-        """Stop every thread (joined, so none outlives the crawl)."""
+        """Stop the check and every thread (joined, so none outlives the crawl)."""
         self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
+        job, self._job = self._job, None
+        if job is not None:
+            job.cancel()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -244,6 +242,7 @@ class HealthExtension:
         if self._own_monitor and self._monitor is not None:
             self._monitor.stop()
             self._own_monitor = False
+            context_for(self.crawler).remove("loopmonitor", self._monitor)
         self.notifier.close()
         context_for(self.crawler).remove("health", self)
 
@@ -290,29 +289,29 @@ class HealthExtension:
     def _watchdog_diagnosis(self) -> Any:
         return getattr(context_for(self.crawler).get("watchdog"), "last_diagnosis", None)
 
-    # ------------------------------------------------------------------ health thread
+    # ------------------------------------------------------------------ monitor thread
 
-    def _run(self) -> None:
-        tick = min(self.conf.interval, self.ping_every or self.conf.interval, 0.5)
-        next_file = next_ping = 0.0
-        while not self._stop.is_set():
-            try:
-                status = self.status()
-                self._observe(status)
-                if self.metrics is not None:
-                    self.metrics.sample()
-                now = time.monotonic()
-                if status["healthy"]:
-                    if self.heartbeat_path is not None and now >= next_file:
-                        self._write_heartbeat(status)
-                        next_file = now + self.conf.interval
-                    if self.ping_every is not None and now >= next_ping:
-                        if self.notifier.notify("WATCHDOG=1"):
-                            self.counters["pings"] += 1
-                        next_ping = now + self.ping_every
-            except Exception:  # the health thread must survive anything
-                logger.exception("health check failed")
-            self._stop.wait(tick)
+    def _check(self) -> None:
+        """One health check: status, heartbeat file, sd_notify ping (on the monitor's thread,
+        so it goes on while the loop is blocked)."""
+        if self._stop.is_set():
+            return
+        try:
+            status = self.status()
+            self._observe(status)
+            if self.metrics is not None:
+                self.metrics.sample()
+            now = time.monotonic()
+            if status["healthy"]:
+                if self.heartbeat_path is not None and now >= self._next_file:
+                    self._write_heartbeat(status)
+                    self._next_file = now + self.conf.interval
+                if self.ping_every is not None and now >= self._next_ping:
+                    if self.notifier.notify("WATCHDOG=1"):
+                        self.counters["pings"] += 1
+                    self._next_ping = now + self.ping_every
+        except Exception:  # the check must survive anything
+            logger.exception("health check failed")
 
     def _observe(self, status: dict[str, Any]) -> None:
         self.last_status = status

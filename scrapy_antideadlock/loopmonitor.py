@@ -8,6 +8,10 @@ a daemon thread measures the heartbeat's lag and, when none arrived for
 monitor thread, while the loop is still blocked. It also samples the loop thread's
 CPU time, which tells an idle wait (deadlock) from a spinning one (livelock).
 
+Its thread is also the pack's one off-loop thread for other work that must go on while
+the loop is blocked (a liveness ping): :meth:`LoopMonitor.add_periodic` and
+:meth:`LoopMonitor.add_deadline` run jobs there, between the monitor's own checks.
+
 No Scrapy import: it takes any asyncio loop.
 """
 
@@ -37,6 +41,25 @@ def _thread_cpu_clock(thread_id: int) -> Callable[[], float]:
     except (AttributeError, OSError, OverflowError):
         return time.process_time
     return lambda: time.clock_gettime(clock_id)
+
+
+class Job:
+    """A job on the monitor's thread: once at ``due``, or every ``interval`` from then."""
+
+    def __init__(self, due: float, interval: float | None, fn: Callable[..., object],
+                 args: tuple[Any, ...]) -> None:
+        self.due = due
+        self.interval = interval
+        self.fn = fn
+        self.args = args
+        self.active = True
+        self.running = threading.RLock()  # held while the job runs
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        """No further runs; a run in progress on another thread is waited for (bounded)."""
+        self.active = False
+        if self.running.acquire(timeout=timeout):
+            self.running.release()
 
 
 class LoopMonitor:
@@ -73,6 +96,8 @@ class LoopMonitor:
         self.last_episode: dict[str, Any] | None = None
         self.longest_block = 0.0
         self.thread_cpu = 0.0  # CPU seconds the monitor thread used (its own overhead)
+        self._jobs: list[Job] = []
+        self._wake = threading.Event()  # a job was added, or stop
 
     # ------------------------------------------------------------------ callbacks
     def add_blocked_callback(self, fn: Callback, after: float | None = None) -> None:
@@ -87,6 +112,51 @@ class LoopMonitor:
     def add_unblocked_callback(self, fn: Callback) -> None:
         """``fn(info)`` runs on the monitor thread when the loop beats again."""
         self._unblocked_callbacks.append(fn)
+
+    # ------------------------------------------------------------------ jobs
+    def add_periodic(self, interval: float, fn: Callable[[], object], *,
+                     now: bool = False) -> Job:
+        """Run ``fn()`` on the monitor's thread every ``interval`` seconds while it runs
+        (first at once if ``now``). It must be quick: the monitor's own check waits for it.
+        An exception is logged and the job keeps its schedule."""
+        if not interval > 0:
+            raise ValueError("interval must be > 0")
+        return self._add(Job(self.clock() + (0.0 if now else interval), interval, fn, ()))
+
+    def add_deadline(self, at: float, fn: Callable[..., object], *args: Any) -> Job:
+        """Run ``fn(*args)`` once on the monitor's thread at ``at`` (on the monitor's
+        clock, ``time.monotonic``) unless cancelled first, whether the loop runs or not."""
+        return self._add(Job(at, None, fn, args))
+
+    def _add(self, job: Job) -> Job:
+        with self._lock:
+            self._jobs.append(job)
+        self._wake.set()
+        return job
+
+    def _run_due_jobs(self, now: float) -> None:
+        with self._lock:
+            self._jobs = [job for job in self._jobs if job.active]
+            due = [job for job in self._jobs if job.due <= now]
+        for job in due:
+            if not job.active:
+                continue
+            if job.interval is None:
+                job.active = False
+            else:  # a fixed schedule; beats missed while busy are skipped
+                job.due = max(job.due + job.interval, now)
+            with job.running:
+                if not job.active and job.interval is not None:
+                    continue  # cancelled meanwhile
+                try:
+                    job.fn(*job.args)
+                except Exception:  # a broken job must not kill the monitor
+                    logger.exception("loop monitor job %r failed", job.fn)
+
+    def _next_job_due(self) -> float | None:
+        with self._lock:
+            dues = [job.due for job in self._jobs if job.active]
+        return min(dues) if dues else None
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -109,6 +179,7 @@ class LoopMonitor:
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the thread and the heartbeat; joins so no thread outlives the crawl."""
         self._stop.set()
+        self._wake.set()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -187,8 +258,21 @@ class LoopMonitor:
 
     def _watch(self, poll: float) -> None:
         block_started = 0.0
-        while not self._stop.wait(poll):
+        next_check = self.clock() + poll
+        while not self._stop.is_set():
+            wake_at = next_check
+            job_due = self._next_job_due()
+            if job_due is not None:
+                wake_at = min(wake_at, job_due)
+            self._wake.wait(max(0.0, wake_at - self.clock()))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._run_due_jobs(self.clock())
             now = self.clock()
+            if now < next_check:
+                continue
+            next_check = now + poll
             self._sample_cpu(now)
             age = self.heartbeat_age()
             if not self.blocked and age >= self.threshold:

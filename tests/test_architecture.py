@@ -94,9 +94,9 @@ _TIMER_HOMES = {
 #: Threads still outside the monitor, per module: the health HTTP server serves requests
 #: (it watches nothing); the others are jobs still to move onto the monitor's thread.
 _THREADS_LEFT = {
-    "health.py": 2,  # the HTTP server's serve_forever, and the liveness pinger
-    "fleet/worker.py": 1,  # the fleet heartbeat
-    "recovery/closing.py": 1,  # the exit deadline after the close (threading.Timer)
+    "health.py": 1,  # the HTTP server's serve_forever: it serves requests, watches nothing
+    "fleet/worker.py": 1,  # the fleet heartbeat: also runs where no asyncio loop (no monitor)
+    "recovery/closing.py": 1,  # the exit deadline after the engine stopped (the monitor too)
 }
 
 

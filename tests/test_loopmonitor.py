@@ -120,3 +120,32 @@ def test_bad_arguments_and_stop_is_idempotent() -> None:
         assert not monitor.running and monitor.heartbeat_age() >= 0
     finally:
         loop.close()
+
+
+@deferred_f_from_coro_f
+async def test_jobs_run_on_the_monitor_thread_while_the_loop_is_blocked(caplog) -> None:
+    monitor = LoopMonitor(asyncio.get_running_loop(), interval=0.05, threshold=5.0)
+    ticks: list[float] = []
+    fired: list[float] = []
+    failures: list[int] = []
+
+    def broken() -> None:
+        failures.append(1)
+        raise RuntimeError("job failed")
+
+    monitor.start()
+    try:
+        started = time.monotonic()
+        monitor.add_periodic(0.1, lambda: ticks.append(time.monotonic()))
+        monitor.add_periodic(0.1, broken, now=True)
+        monitor.add_deadline(started + 0.5, fired.append, "deadline")
+        monitor.add_deadline(started + 0.5, fired.append, "cancelled").cancel()
+        blocking_function_under_test(1.5)  # the jobs go on while the loop is blocked
+        blocked_ticks = [t for t in ticks if t < started + 1.5]
+        assert fired == ["deadline"] and len(blocked_ticks) >= 3, (fired, ticks)
+        assert len(failures) >= 3  # logged, and the job kept its schedule
+        assert not monitor.blocked  # shorter than the threshold: no episode
+    finally:
+        monitor.stop()
+    assert "job failed" in caplog.text
+    assert not monitor_threads()

@@ -107,6 +107,7 @@ class Watchdog:
         sig.connect(watchdog._download_cancelled, signal=ad_signals.download_cancelled)
         sig.connect(watchdog._request_scheduled, signal=scrapy_signals.request_scheduled)
         context_for(crawler).put("watchdog", watchdog)
+        context_for(crawler).put("loopmonitor", watchdog.monitor)  # health and recovery share it
         return watchdog
 
     # ------------------------------------------------------------------ life cycle
