@@ -12,9 +12,21 @@ from scrapy.utils.defer import deferred_f_from_coro_f
 
 from scrapy_antideadlock.loopmonitor import LoopMonitor
 
+_EARLIER: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _earlier_monitor_threads() -> None:
+    """Monitor threads alive before this test (another test's in this xdist worker, say):
+    only threads of this test's own monitors are its leaks."""
+    _EARLIER.clear()
+    _EARLIER.update(t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor")
+
 
 def monitor_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor"]
+    """Monitor threads started by this test and still alive."""
+    return [t for t in threading.enumerate()
+            if t.name == "antideadlock-loopmonitor" and t not in _EARLIER]
 
 
 def blocking_function_under_test(seconds: float) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import pytest_twisted
 from scrapy import signals
 
@@ -34,8 +35,21 @@ def wd_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
     return settings
 
 
+_EARLIER: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _earlier_monitor_threads() -> None:
+    """Monitor threads alive before this test (another test's in this xdist worker, say):
+    only threads of this test's own monitors are its leaks."""
+    _EARLIER.clear()
+    _EARLIER.update(t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor")
+
+
 def monitor_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor"]
+    """Monitor threads started by this test and still alive."""
+    return [t for t in threading.enumerate()
+            if t.name == "antideadlock-loopmonitor" and t not in _EARLIER]
 
 
 def read_diagnoses(tmp_path: Any) -> list[dict[str, Any]]:
