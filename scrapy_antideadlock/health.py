@@ -43,6 +43,7 @@ from . import signals as ad_signals
 from . import stats as ad_stats
 from .context import context_for
 from .reactor import require_asyncio_reactor
+from .timers import loop_monitor_for
 from .watchdog.classes import BLOCKED_LOOP
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,6 @@ class HealthExtension:
         require_asyncio_reactor("HealthExtension", crawler.settings)
         self.http_port: int | None = None  # the bound port (HEALTH_HTTP_PORT may be 0)
         self._monitor: Any = None
-        self._own_monitor = False
         self._stall: dict[str, Any] | None = None
         self._stall_progress: tuple[Any, ...] = ()
         self._closing = False
@@ -181,21 +181,10 @@ class HealthExtension:
             self._job = self._monitor.add_periodic(tick, self._check, now=True)
 
     def _find_monitor(self) -> Any:
-        """The crawler's loop monitor (the watchdog's), or one of health's own."""
-        monitor = context_for(self.crawler).get("loopmonitor")
-        if monitor is not None and monitor.running:
-            return monitor
-        import asyncio
-
-        from .loopmonitor import LoopMonitor
-
-        threshold = self.conf.loop_blocked_after
-        monitor = LoopMonitor(asyncio.get_event_loop(), interval=min(0.25, threshold / 4),
-                              threshold=threshold, name="antideadlock-health-loopmonitor")
-        monitor.start()
-        self._own_monitor = True
-        context_for(self.crawler).put("loopmonitor", monitor)
-        return monitor
+        """The crawler's loop monitor (the watchdog's), or one made for health."""
+        return loop_monitor_for(self.crawler, interval=0.25,
+                                threshold=self.conf.loop_blocked_after,
+                                name="antideadlock-health-loopmonitor")
 
     def stall_detected(self, diagnosis: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if (diagnosis or {}).get("class") == BLOCKED_LOOP.name:
@@ -239,10 +228,6 @@ class HealthExtension:
         if self._server_thread is not None:
             self._server_thread.join(5)
             self._server_thread = None
-        if self._own_monitor and self._monitor is not None:
-            self._monitor.stop()
-            self._own_monitor = False
-            context_for(self.crawler).remove("loopmonitor", self._monitor)
         self.notifier.close()
         context_for(self.crawler).remove("health", self)
 

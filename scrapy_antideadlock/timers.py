@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Repeating", "Timer", "every", "later"]
+__all__ = ["Repeating", "Timer", "every", "later", "loop_monitor_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +96,27 @@ def every(interval: float, fn: Callable[[], object], *, now: bool = False,
           name: str | None = None) -> Repeating:
     """Run ``fn()`` on the loop every ``interval`` seconds (first call now, if ``now``)."""
     return Repeating(interval, fn, now=now, name=name)
+
+
+def loop_monitor_for(crawler: Any, *, interval: float, threshold: float,
+                     name: str = "antideadlock-loopmonitor") -> Any:
+    """The crawler's loop monitor, the one off-loop thread (context role ``"loopmonitor"``):
+    the watchdog's, or else one made and started now (call from the loop's thread) with
+    these timings and stopped when the engine stops."""
+    from scrapy import signals
+
+    from .context import context_for
+    from .loopmonitor import LoopMonitor
+
+    created: list[LoopMonitor] = []
+
+    def create() -> LoopMonitor:
+        created.append(LoopMonitor(None, interval=min(interval, threshold / 4),
+                                   threshold=threshold, name=name))
+        return created[0]
+
+    monitor = context_for(crawler).setdefault("loopmonitor", create)
+    if created:
+        monitor.start()
+        crawler.signals.connect(monitor.stop, signal=signals.engine_stopped)
+    return monitor

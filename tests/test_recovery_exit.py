@@ -126,15 +126,19 @@ def test_stubborn_pipeline_close_deadline_exits_and_resume_stores(site, tmp_path
     assert second.stats()["antideadlock/journal/replayed"] == 2
 
 
-@pytest.mark.parametrize("how", ["sigkill", "self_exit"])
+@pytest.mark.parametrize("how", ["sigkill", "self_exit", "self_exit_without_watchdog"])
 def test_blocked_loop_then_resume_completes(site, tmp_path, how):
+    """Recovery ends a blocked loop from the loop monitor's thread; with the watchdog off
+    it makes the crawler's loop monitor itself."""
     marker = tmp_path / "blocked"
     settings = settings_for(tmp_path)
+    if how == "self_exit_without_watchdog":
+        settings["ANTIDEADLOCK_WATCHDOG_ENABLED"] = False
     kwargs = {"start_url": site.start_url}
     first = run_crawl_subprocess(f"{HERE}:BlockingSpider", settings | {
         "ANTIDEADLOCK_TEST_BLOCK_PATH": "/list/3",
         "ANTIDEADLOCK_TEST_BLOCK_MARKER": str(marker),
-        "ANTIDEADLOCK_RECOVERY_BLOCKED_LOOP_EXIT_AFTER": 3.0 if how == "self_exit" else 60.0,
+        "ANTIDEADLOCK_RECOVERY_BLOCKED_LOOP_EXIT_AFTER": 60.0 if how == "sigkill" else 3.0,
     }, items_path=tmp_path / "run1.jsonl", spider_kwargs=kwargs)
     deadline = time.monotonic() + 30
     while not marker.exists():

@@ -41,7 +41,7 @@ from ..context import context_for
 from ..lifecycle.components import tracker_for
 from ..lifecycle.victims import choose_victim
 from ..reactor import require_asyncio_reactor
-from ..timers import Timer, later
+from ..timers import Timer, later, loop_monitor_for
 from ..watchdog.classes import BLOCKED_LOOP, DEADLOCK
 from .closing import PREEMPTIBLE as _PREEMPTIBLE
 from .closing import Closer
@@ -119,16 +119,14 @@ class Recovery:
             if self.ctx.get("journal") is None:
                 logger.warning("antideadlock recovery: level 'exit' without the journal "
                                "(ANTIDEADLOCK_JOURNAL_ENABLED): a hard exit loses the queue")
-            monitor = self._monitor()
-            if monitor is None:
-                logger.warning("antideadlock recovery: no loop monitor (the watchdog is off), "
-                               "so a blocked event loop cannot be ended")
-            else:
-                monitor.add_blocked_callback(self._loop_blocked,
-                                             after=self.conf.blocked_loop_exit_after)
+            self._monitor().add_blocked_callback(self._loop_blocked,
+                                                 after=self.conf.blocked_loop_exit_after)
 
     def _monitor(self) -> Any:
-        return self.ctx.get("loopmonitor") or getattr(self.ctx.get("watchdog"), "monitor", None)
+        """The crawler's loop monitor: the watchdog's, or one made for recovery."""
+        watchdog = ad_settings.load(self.crawler.settings, "watchdog")
+        return loop_monitor_for(self.crawler, interval=watchdog.heartbeat,
+                                threshold=watchdog.blocked_threshold)
 
     def spider_closed(self, spider: Any = None, reason: str = "") -> None:
         self.close_reason = reason
