@@ -9,8 +9,9 @@ Feedback loop: the histogram holds *successful* latencies only (the caller's dut
 and a success can never take longer than the deadline it ran under, so a run of
 timeouts cannot push p99 up. A deadline hit is a *censored* sample instead: it says
 the latency was at least T. The last ``recent`` outcomes of each key (successes and
-censored samples) are kept apart; when most of them were cut, the median latency is
-at least T, so the policy grows the deadline to T x multiplier + buffer, up to the
+censored samples) are kept apart; when most of them were cut on a warm slot (one with a
+p99), the median latency is at least T, so the policy grows the deadline to
+T x multiplier + buffer, up to the
 ceiling (the user's own timeout, else ``maximum``), rather than cutting every request
 of a slowed-down site at a deadline it can no longer meet.
 """
@@ -250,7 +251,9 @@ class TimeoutPolicy:
         if successes and p99 is not None:
             seconds = max(seconds, max(successes) * self.multiplier + self.buffer)
         cuts = [s for censored, s in outcomes if censored]
-        if len(cuts) >= 2 and 2 * len(cuts) >= len(outcomes):
+        # Only a warm slot can have slowed down: on a cold one, two hung URLs would be
+        # "most outcomes" and stretch everyone's deadline while they hold scarce slots.
+        if p99 is not None and len(cuts) >= 2 and 2 * len(cuts) >= len(outcomes):
             seconds = max(seconds, max(cuts) * self.multiplier + self.buffer)
         return self.clamp(seconds, ceiling)
 
