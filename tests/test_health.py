@@ -16,13 +16,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 
 from scrapy_antideadlock import signals as ad_signals
-from scrapy_antideadlock.health import SdNotifier, watchdog_interval
+from scrapy_antideadlock.health import SdNotifier, health_for, watchdog_interval
 from scrapy_antideadlock.testing import Fault, FaultSite, Latency, SiteSpider, run_crawl
 
 BLOCK = 3.0
@@ -45,10 +46,27 @@ def read_json(path: str) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class BoundPort:
+    """An extension that remembers its crawler, so a probe can read the port /healthz
+    bound (HEALTH_HTTP_PORT = 0: the server picks a free port itself, so tests on two
+    xdist workers can never race for one picked in advance)."""
+
+    crawler: Any = None
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> BoundPort:
+        BoundPort.crawler = crawler
+        return cls()
+
+    @staticmethod
+    def port() -> int | None:
+        crawler = BoundPort.crawler
+        return getattr(health_for(crawler), "http_port", None) if crawler is not None else None
+
+    @staticmethod
+    def extensions(**others: int) -> dict[Any, int]:
+        BoundPort.crawler = None  # not the previous test's crawl
+        return {BoundPort: 0, **others}
 
 
 SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)  # Linux: struct timeval per datagram
@@ -67,7 +85,8 @@ class Probe(threading.Thread):
     (SO_TIMESTAMP), all converted to ``time.monotonic()``.
     """
 
-    def __init__(self, port: int, heartbeat: str, notify: socket.socket) -> None:
+    def __init__(self, port: Callable[[], int | None], heartbeat: str,
+                 notify: socket.socket) -> None:
         super().__init__(daemon=True)
         self.port, self.heartbeat, self.notify = port, heartbeat, notify
         self.http: list[tuple[float, int, dict[str, Any]]] = []  # (sent, code, body)
@@ -79,11 +98,15 @@ class Probe(threading.Thread):
             notify.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
 
     def run(self) -> None:
-        url = f"http://127.0.0.1:{self.port}/healthz"
+        port = None
         while not self.stop.is_set():
+            port = port or self.port()
             sent = time.monotonic()
             try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
+                if port is None:
+                    raise OSError("no /healthz yet")
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz",
+                                            timeout=2) as resp:
                     code, body = resp.status, json.loads(resp.read())
             except urllib.error.HTTPError as err:
                 code, body = err.code, json.loads(err.read())
@@ -123,16 +146,16 @@ async def test_blocked_loop_flips_every_output(tmp_path, monkeypatch):
     notify.setblocking(False)
     monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
-    port = free_port()
     heartbeat = str(tmp_path / "hb" / "heartbeat.json")
     BlockingSpider.block_window = []
-    probe = Probe(port, heartbeat, notify)
+    extensions = BoundPort.extensions(**{"scrapy_antideadlock.health.HealthExtension": 0})
+    probe = Probe(BoundPort.port, heartbeat, notify)
     probe.start()
     site = FaultSite(pages=16, items_per_page=10, latency=Latency.fixed(0.05)).start()
     try:
         result = await run_crawl(BlockingSpider, {
-            "EXTENSIONS": {"scrapy_antideadlock.health.HealthExtension": 0},
-            "ANTIDEADLOCK_HEALTH_HTTP_PORT": port,
+            "EXTENSIONS": extensions,
+            "ANTIDEADLOCK_HEALTH_HTTP_PORT": 0,
             "ANTIDEADLOCK_HEALTH_HEARTBEAT_FILE": heartbeat,
             "ANTIDEADLOCK_HEALTH_INTERVAL": 0.2,
             "ANTIDEADLOCK_HEALTH_LOOP_BLOCKED_AFTER": 1.0,
@@ -202,15 +225,16 @@ def test_sd_notify_abstract_and_watchdog_env(monkeypatch):
 async def test_healthz_503_during_a_stall_and_200_after_recovery(tmp_path):
     """One download at a time; a URL that hangs for ever stalls the whole crawl, the
     watchdog names it, recovery cancels and requeues it: /healthz follows."""
-    port = free_port()
-    probe = Probe(port, str(tmp_path / "none"), _null_socket())
+    probe = Probe(BoundPort.port, str(tmp_path / "none"), _null_socket())
+    extensions = BoundPort.extensions()
     probe.start()
     site = FaultSite(pages=8, items_per_page=10, latency=Latency.fixed(0.01)).start()
     site.add_fault("/item/k00075", Fault.hang())  # fetched early (LIFO)
     try:
         result = await run_crawl(SiteSpider, {
             "ADDONS": {"scrapy_antideadlock.Addon": 0},
-            "ANTIDEADLOCK_HEALTH_HTTP_PORT": port,
+            "EXTENSIONS": extensions,
+            "ANTIDEADLOCK_HEALTH_HTTP_PORT": 0,
             "ANTIDEADLOCK_WATCHDOG_WINDOW": 1.5,
             "ANTIDEADLOCK_WATCHDOG_HEALTH_INTERVAL": 0,
             "ANTIDEADLOCK_DEADLINE_INITIAL": 60.0, "ANTIDEADLOCK_DEADLINE_MIN": 60.0,
@@ -255,8 +279,7 @@ async def test_healthz_503_during_a_real_deadlock(make_fault_site, fault_proxy, 
 
     from scrapy_antideadlock.testing.scenarios.pools import StickySpider
 
-    port = free_port()
-    probe = Probe(port, str(tmp_path / "none"), _null_socket())
+    probe = Probe(BoundPort.port, str(tmp_path / "none"), _null_socket())
     site = make_fault_site(pages=1, items_per_page=4)
     detected: list[float] = []
 
@@ -283,9 +306,9 @@ async def test_healthz_503_during_a_real_deadlock(make_fault_site, fault_proxy, 
 
     settings = wd_settings(
         tmp_path, SCENARIO_PROXY_URL=fault_proxy.url, SCENARIO_PG_DSN=pg_dsn,
-        ANTIDEADLOCK_HEALTH_HTTP_PORT=port)
-    settings["EXTENSIONS"] = {**settings["EXTENSIONS"],
-                              "scrapy_antideadlock.health.HealthExtension": 0}
+        ANTIDEADLOCK_HEALTH_HTTP_PORT=0)
+    settings["EXTENSIONS"] = BoundPort.extensions(
+        **settings["EXTENSIONS"], **{"scrapy_antideadlock.health.HealthExtension": 0})
     probe.start()
     try:
         result = await run_crawl(Spider, settings, timeout=40, start_url=site.start_url)
