@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -27,14 +26,11 @@ class QSpider(Spider):
         pass
 
 
+
+
 @pytest.fixture
-def prefix(redis_url):
-    name = f"adtest:{uuid.uuid4().hex[:8]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{name}*"))
-    if keys:
-        client.delete(*keys)
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 @pytest.fixture

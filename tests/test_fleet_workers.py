@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +34,11 @@ class AllItemsSpider(SiteSpider):
             yield self.make_request(f"{base}/item/{FaultSite.key(i)}", self.parse_item, "item")
 
 
+
+
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    name = f"adtest:{uuid.uuid4().hex[:8]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{name}*"))
-    if keys:
-        client.delete(*keys)
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 def lease_settings(proxies: list[Any], url: str | None, prefix: str, **extra: Any

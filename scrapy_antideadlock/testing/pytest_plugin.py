@@ -116,6 +116,21 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix in that Redis; every key under it is deleted after the test."""
+    import uuid
+
+    import redis
+
+    name = f"adtest:{uuid.uuid4().hex[:8]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{name}*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
 def redis_server() -> Iterator[Any]:
     """A private ``redis-server`` on a free port that the test may stop and restart."""
     from scrapy_antideadlock.testing.redis import RedisServer
