@@ -15,7 +15,7 @@ from . import scrapy as _scrapy
 
 __all__ = ["crawl_engine", "download_slots_delay", "downloader_active",
            "downloader_middlewares", "engine_inprogress", "item_pipelines", "scheduled_count",
-           "scraper_active", "scraper_queue_size", "spider_is_idle"]
+           "scraper_active", "spider_is_idle"]
 
 
 def _has_downloader_members() -> bool:
@@ -61,11 +61,6 @@ def downloader_active(engine: Any) -> list[Any]:
 def scraper_active(engine: Any) -> list[Any]:
     """Requests whose response is in a callback or whose items are in pipelines."""
     return list(_scrapy.scraper_active(engine))
-
-
-def scraper_queue_size(engine: Any) -> int:
-    """Responses waiting for the scraper (its memory limit holds them back)."""
-    return len(_scrapy.scraper_queued(engine))
 
 
 def scheduled_count(engine: Any) -> int:

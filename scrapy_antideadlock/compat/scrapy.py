@@ -16,7 +16,7 @@ from . import require
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["engine_or_none", "in_progress", "lend_concurrency", "on_request_done",
+__all__ = ["engine_or_none", "in_progress", "on_request_done",
            "process_download_slot", "scheduler_of", "scraper_active", "scraper_queued",
            "wake_engine"]
 
@@ -137,7 +137,3 @@ def process_download_slot(engine: Any, slot: Any) -> None:
     if slot is not None and process_queue is not None:
         process_queue(slot)
 
-
-def lend_concurrency(downloader: Any, delta: int) -> None:
-    """Raise (or lower) the downloader's global concurrency by ``delta``."""
-    downloader.total_concurrency += delta
