@@ -15,6 +15,7 @@ from scrapy_antideadlock import stats as ad_stats
 from scrapy_antideadlock.context import context_for
 from scrapy_antideadlock.downloader import GUARD_PATH, GuardedDownloadHandler
 from scrapy_antideadlock.exceptions import DeadlineExceeded
+from scrapy_antideadlock.playwright import PlaywrightCallTimeout
 from scrapy_antideadlock.settings import SettingError
 from scrapy_antideadlock.testing import Fault, SiteSpider, chromium_launch_options, run_crawl
 
@@ -130,8 +131,14 @@ async def test_guard_wraps_safe_playwright_and_cancels_a_hung_page(chromium: str
         "http"] == SAFE_PW
     assert sorted(result.keys()) == ["k00000", "k00001", "k00003"]
     [(url, exc)] = result.crawler.spider.errors
-    assert url.endswith("k00002") and isinstance(exc, DeadlineExceeded)
-    assert exc.stage == "transfer" and exc.elapsed < 10
+    assert url.endswith("k00002")
+    # The same deadline ends it from either side: the guard's tick (DeadlineExceeded), or,
+    # when the handler's own bound, min(cap, time left), fires first, the browser call.
+    if isinstance(exc, PlaywrightCallTimeout):
+        assert exc.timeout <= 4.0 + 0.5, exc
+    else:
+        assert isinstance(exc, DeadlineExceeded), exc
+        assert exc.stage == "transfer" and exc.elapsed < 10
     stats = result.stats
     if getattr(ad_stats, "PW_OPEN_PAGES_AT_CLOSE", None):
         assert stats.get(ad_stats.PW_OPEN_PAGES_AT_CLOSE, 0) == 0
