@@ -31,6 +31,7 @@ from typing import Any
 import redis
 
 from scrapy_antideadlock.testing import FaultProxy, FaultSite, Latency, run_crawl_subprocess
+from scrapy_antideadlock.testing.redis import scrapy_redis_settings
 from scrapy_antideadlock.testing.site import Fault
 from scrapy_antideadlock.testing.spiders import SiteSpider
 
@@ -53,14 +54,9 @@ class ItemsSpider(SiteSpider):
 
 def worker_settings(mode: str, url: str, prefix: str, worker: str,
                     proxies: list[FaultProxy]) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "ADDONS": {"scrapy_antideadlock.Addon": 0},
-        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
-        "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
-        "SCHEDULER_PERSIST": True,
-        "SCHEDULER_QUEUE_KEY": f"{prefix}:%(spider)s:requests",
-        "SCHEDULER_DUPEFILTER_KEY": f"{prefix}:%(spider)s:dupefilter",
-        "REDIS_URL": url,
+    settings = scrapy_redis_settings(url, prefix, worker if mode == "fleet" else None,
+                                     heartbeat=1.0, visibility=5.0)
+    settings.update({
         "ANTIDEADLOCK_PROXY_LIST": {p.url: SLOTS for p in proxies},
         "ANTIDEADLOCK_DEADLINE_MIN": 1.0,
         "ANTIDEADLOCK_DEADLINE_INITIAL": 3.0,
@@ -70,16 +66,7 @@ def worker_settings(mode: str, url: str, prefix: str, worker: str,
         "CONCURRENT_REQUESTS_PER_DOMAIN": 16,
         "RETRY_TIMES": 1,
         "LOG_LEVEL": "WARNING",
-    }
-    if mode == "fleet":
-        settings.update({
-            "SCHEDULER_QUEUE_CLASS": "scrapy_antideadlock.fleet.ReliableQueue",
-            "ANTIDEADLOCK_FLEET_REDIS_URL": url,
-            "ANTIDEADLOCK_FLEET_KEY_PREFIX": prefix,
-            "ANTIDEADLOCK_FLEET_WORKER_ID": worker,
-            "ANTIDEADLOCK_FLEET_HEARTBEAT_INTERVAL": 1.0,
-            "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT": 5.0,
-        })
+    })
     return settings
 
 

@@ -17,6 +17,7 @@ import redis
 
 from scrapy_antideadlock.fleet.status import collect
 from scrapy_antideadlock.testing import Fault, FaultSite, Latency, run_crawl_subprocess
+from scrapy_antideadlock.testing.redis import scrapy_redis_settings
 from scrapy_antideadlock.testing.spiders import SiteSpider
 
 SPIDER = "scrapy_antideadlock.testing.spiders:SiteSpider"
@@ -101,28 +102,13 @@ def test_four_workers_never_exceed_two_transfers_per_proxy(make_fault_proxy, red
 
 def fleet_settings(redis_url: str, prefix: str, worker: str, *, reliable: bool = True,
                    proxies: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "ADDONS": {"scrapy_antideadlock.Addon": 0},
-        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
-        "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
-        "SCHEDULER_PERSIST": True,
-        "SCHEDULER_QUEUE_KEY": f"{prefix}:%(spider)s:requests",
-        "SCHEDULER_DUPEFILTER_KEY": f"{prefix}:%(spider)s:dupefilter",
-        "REDIS_URL": redis_url,
+    settings = scrapy_redis_settings(redis_url, prefix, worker if reliable else None)
+    settings.update({
         "ANTIDEADLOCK_WATCHDOG_ENABLED": False,
         "CONCURRENT_REQUESTS": 32,
         "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
         "LOG_LEVEL": "INFO",
-    }
-    if reliable:
-        settings.update({
-            "SCHEDULER_QUEUE_CLASS": "scrapy_antideadlock.fleet.ReliableQueue",
-            "ANTIDEADLOCK_FLEET_REDIS_URL": redis_url,
-            "ANTIDEADLOCK_FLEET_KEY_PREFIX": prefix,
-            "ANTIDEADLOCK_FLEET_WORKER_ID": worker,
-            "ANTIDEADLOCK_FLEET_HEARTBEAT_INTERVAL": 0.5,
-            "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT": 3.0,
-        })
+    })
     if proxies:
         settings.update({
             "ANTIDEADLOCK_PROXY_LIST": {proxy.url: 2 for proxy in proxies},

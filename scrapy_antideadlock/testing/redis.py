@@ -17,8 +17,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RedisServer", "find_redis_server", "redis_url"]
+__all__ = ["RedisServer", "find_redis_server", "redis_url", "scrapy_redis_settings"]
 
 
 def find_redis_server() -> str | None:
@@ -119,3 +120,28 @@ def redis_url() -> str:
         _private = RedisServer().start()
         atexit.register(_private.cleanup)
     return _private.url
+
+
+def scrapy_redis_settings(url: str, prefix: str, worker: str | None = None, *,
+                          heartbeat: float = 0.5, visibility: float = 3.0) -> dict[str, Any]:
+    """A scrapy-redis worker with the add-on, its keys under ``prefix``; with ``worker``,
+    fleet mode too (the reliable queue, this worker id, short heartbeat and visibility)."""
+    settings: dict[str, Any] = {
+        "ADDONS": {"scrapy_antideadlock.Addon": 0},
+        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+        "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
+        "SCHEDULER_PERSIST": True,
+        "SCHEDULER_QUEUE_KEY": f"{prefix}:%(spider)s:requests",
+        "SCHEDULER_DUPEFILTER_KEY": f"{prefix}:%(spider)s:dupefilter",
+        "REDIS_URL": url,
+    }
+    if worker is not None:
+        settings.update({
+            "SCHEDULER_QUEUE_CLASS": "scrapy_antideadlock.fleet.ReliableQueue",
+            "ANTIDEADLOCK_FLEET_REDIS_URL": url,
+            "ANTIDEADLOCK_FLEET_KEY_PREFIX": prefix,
+            "ANTIDEADLOCK_FLEET_WORKER_ID": worker,
+            "ANTIDEADLOCK_FLEET_HEARTBEAT_INTERVAL": heartbeat,
+            "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT": visibility,
+        })
+    return settings
