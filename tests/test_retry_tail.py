@@ -71,3 +71,21 @@ async def test_a_transfer_hung_past_p99_is_hedged_and_the_copy_wins(make_fault_s
     assert stats["antideadlock/deadline/hedge_wins"] >= 1
     assert stats.get("antideadlock/deadline/exceeded", 0) == 0  # never waited for T
     assert site.hits["/item/k00025"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_hedged_transfers_do_not_inflate_the_slots_p99(make_fault_site: Any) -> None:
+    # 20 % of detail-page requests hang, on a site answering in 10 ms. A hedge that wins
+    # records its own latency (about 10 ms); timed from the hung first copy's start it
+    # would record the overdue threshold (at least LEND_MIN, 0.25 s) and up, and p99,
+    # threshold and T would climb together (p99 4.6 s, T 18 s in this crawl).
+    site = make_fault_site(pages=4, items_per_page=50, latency=Latency.fixed(0.01))
+    site.add_fault("/item/*", Fault.hang(), rate=0.2, per="request")
+    result = await run_crawl(SiteSpider, {**FAST, "ANTIDEADLOCK_DEADLINE_HEDGE": True},
+                             timeout=120, start_url=site.start_url)
+    assert result.finished
+    assert sorted(result.keys()) == sorted(site.item_keys())
+    stats = result.stats
+    assert stats["antideadlock/deadline/hedge_wins"] >= 10
+    # about 0.01 s plus loop lag on a busy machine (0.3-0.5 s); climbing, 4-5 s here
+    assert stats["antideadlock/deadline/p99/127.0.0.1"] < 1.5

@@ -219,6 +219,11 @@ class DownloadGuard:
                 request.meta["download_timeout"] = (max(0.001, entry.deadline - start)
                                                     + _INNER_TIMEOUT_MARGIN)
             response = await transfer(self, entry, handler, request)
+            # A winning hedge's latency is its own: timed from the first copy's start it
+            # would be at least the overdue threshold (p99 x LEND_AFTER), so p99, the
+            # threshold and T would feed on each other and grow without bound.
+            if entry.hedge == "won" and entry.hedge_started is not None:
+                start = entry.hedge_started
             seconds = time.monotonic() - start
             if lease is not None and response.status in leasing.failure_codes:
                 leasing.failed(lease.member)

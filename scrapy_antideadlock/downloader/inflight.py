@@ -45,7 +45,8 @@ class InFlightDownload:
     cancel_exc: DownloadCancelled | None = None
     waker: asyncio.Future[None] | None = None
     lent: Any = None  # the downloader slot whose concurrency this transfer lent, or True
-    hedge: str | None = None  # None | "asked" | "running": a second copy of the transfer
+    hedge: str | None = None  # None | "asked" | "running" | "won": a second copy of the transfer
+    hedge_started: float | None = None  # when the second copy started
 
 
 class InFlightTracker:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import stats as ad_stats
@@ -65,6 +66,7 @@ async def transfer(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
                 break
             if entry.hedge == "asked":
                 entry.hedge = "running"
+                entry.hedge_started = time.monotonic()
                 hedge = loop.create_task(handler.download_request(request))
                 hedge.add_done_callback(wake)
                 tasks.append(hedge)
@@ -77,6 +79,7 @@ async def transfer(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
     if winner is not None:
         _drop([t for t in tasks if t is not winner])
         if winner is not tasks[0] and not winner.cancelled() and winner.exception() is None:
+            entry.hedge = "won"
             guard.inc(ad_stats.DEADLINE_HEDGE_WINS)
         return winner.result()
     exc = entry.cancel_exc
