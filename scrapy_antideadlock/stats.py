@@ -60,6 +60,9 @@ DEADLINE_GAVE_UP = _stat("deadline/gave_up",
                          "Requests that hit their deadline/lease bound with no retry left.")
 DEADLINE_CANCELS = _stat("deadline/cancels",
                          "Downloads cancelled through the guarded handler (any reason).")
+DEADLINE_TIGHTENED = _stat("deadline/tightened",
+                           "Deadlines given while the slot was cold (DEADLINE_INITIAL), cut to "
+                           "the slot's T once it warmed up during the transfer.")
 DEADLINE_LENT = _stat("deadline/lent", "Concurrency slots lent by overdue transfers.")
 DEADLINE_LENT_MAX = _stat("deadline/lent_max", "Most concurrency slots lent at one time.")
 DEADLINE_HEDGES = _stat("deadline/hedges",

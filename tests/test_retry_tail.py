@@ -74,6 +74,25 @@ async def test_a_transfer_hung_past_p99_is_hedged_and_the_copy_wins(make_fault_s
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_hang_among_a_cold_slots_first_requests_is_cut_once_the_slot_is_warm(
+        make_fault_site: Any) -> None:
+    # The very first detail-page request hangs for ever; it was sent before the slot had
+    # MIN_SAMPLES successes, so it got DEADLINE_INITIAL (20 s here). Once the slot is
+    # warm its deadline becomes the slot's T from its transfer's start (0.5 s): the crawl
+    # ends in a few seconds, not at INITIAL.
+    site = make_fault_site(pages=1, items_per_page=60, latency=Latency.fixed(0.01))
+    site.add_fault("/item/*", Fault.hang(), times=1)
+    result = await run_crawl(SiteSpider, {**FAST, "ANTIDEADLOCK_DEADLINE_INITIAL": 20.0,
+                                          "ANTIDEADLOCK_DEADLINE_HEDGE": False}, timeout=60,
+                             start_url=site.start_url)
+    assert result.finished
+    assert sorted(result.keys()) == sorted(site.item_keys())
+    assert result.stats["antideadlock/deadline/tightened"] >= 1
+    assert result.stats["antideadlock/deadline/exceeded"] == 1
+    assert result.elapsed < 10.0  # INITIAL (20 s) would have held it
+
+
+@pytest_twisted.ensureDeferred
 async def test_hedged_transfers_do_not_inflate_the_slots_p99(make_fault_site: Any) -> None:
     # 20 % of detail-page requests hang, on a site answering in 10 ms. A hedge that wins
     # records its own latency (about 10 ms); timed from the hung first copy's start it

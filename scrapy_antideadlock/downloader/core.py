@@ -147,6 +147,7 @@ class DownloadGuard:
         # magnitude: they get separate latency histories.
         key = f"{slot} [playwright]" if meta.get("playwright") else slot
         timeout: float | None = None
+        provisional = False
         if user_timeout:
             self.count(ad_stats.DEADLINE_USER)
         if self.deadline_enabled:
@@ -154,11 +155,12 @@ class DownloadGuard:
             timeout = policy.transfer_timeout(key, meta.get(RETRY_COUNT_KEY, 0), user_timeout,
                                               full, meta.get(LEASE_RETRY_KEY, 0))
             timeout += policy.queue_allowance(compat.slot_of(downloader, slot), key, timeout)
+            provisional = not (full and user_timeout) and not policy.warm(key)
         elif user_timeout:
             timeout = user_timeout
         deadline = None if timeout is None else now + timeout
         entry = InFlightDownload(request, request_id(request), now, deadline, "queued", slot,
-                                 timeout, key)
+                                 timeout, key, provisional=provisional)
         if deadline is not None:
             meta[DEADLINE_KEY] = deadline
             meta["download_timeout"] = timeout
@@ -263,6 +265,20 @@ class DownloadGuard:
             entry.cancel_exc = self.exceeded(entry, "transfer")
             waker.set_result(None)
 
+    def _tighten(self, entry: InFlightDownload) -> None:
+        """A deadline given while the slot was cold (DEADLINE_INITIAL, or the user's own
+        timeout) becomes the slot's T from the transfer's start once the slot is warm: a
+        request that hung among a slot's first ones would otherwise hold its slot, and end
+        the crawl, up to INITIAL later than any other hang."""
+        deadline = self.policy_state.tightened(entry)
+        if deadline is None:
+            return
+        entry.provisional = False
+        if entry.deadline is not None and deadline < entry.deadline:
+            entry.deadline = entry.request.meta[DEADLINE_KEY] = deadline
+            entry.timeout = deadline - entry.started
+            self.count(ad_stats.DEADLINE_TIGHTENED)
+
     # ------------------------------------------------------------------ lending
     def _lend(self, entry: InFlightDownload) -> None:
         """An overdue transfer stops counting against CONCURRENT_REQUESTS (bounded)."""
@@ -300,6 +316,8 @@ class DownloadGuard:
             if entry.cancel_exc is not None:
                 continue
             stage = entry.stage
+            if entry.provisional and stage == "transfer":
+                self._tighten(entry)
             if entry.deadline is not None and now >= entry.deadline and stage != "lease_wait":
                 if stage == "transfer":
                     self._expire(entry)

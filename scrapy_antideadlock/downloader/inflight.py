@@ -47,6 +47,7 @@ class InFlightDownload:
     lent: Any = None  # the downloader slot whose concurrency this transfer lent, or True
     hedge: str | None = None  # None | "asked" | "running" | "won": a second copy of the transfer
     hedge_started: float | None = None  # when the second copy started
+    provisional: bool = False  # given while its slot was cold: tightened once it is warm
 
 
 class InFlightTracker:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .. import metakeys
 from .. import stats as ad_stats
 from ..compat import downloader as compat
 from ..primitives import PRIOR, LatencyTracker, TimeoutPolicy
@@ -97,6 +98,18 @@ class DeadlinePolicy:
         if backoff:
             timeout = min(timeout * self.retry_backoff ** backoff, ceiling)
         return timeout
+
+    def tightened(self, entry: Any) -> float | None:
+        """The deadline of a transfer that began while its slot was cold, now that the
+        slot is warm: the transfer's start + this attempt's T (as
+        :meth:`transfer_timeout` gives it now); None while the slot is still cold."""
+        if entry.transfer_started is None or not self.warm(entry.key):
+            return None
+        meta = entry.request.meta
+        timeout = self.transfer_timeout(entry.key, meta.get(metakeys.DEADLINE_RETRIES, 0),
+                                        meta.get(metakeys.USER_TIMEOUT),
+                                        lease_retries=meta.get(metakeys.LEASE_RETRIES, 0))
+        return entry.transfer_started + timeout
 
     def queue_allowance(self, slot: Any, key: str, transfer: float) -> float:
         """Time the slot queue ahead of a new request will predictably take.
