@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = ROOT / "bench" / "results" / "results.json"
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
+#: bench.recovery's storm sides: (figure suffix, what the row says).
+STORM_SIDES = [("pack", "add-on + journal"), ("plain_t3s", "plain DOWNLOAD_TIMEOUT=3"),
+               ("plain_t10s", "plain DOWNLOAD_TIMEOUT=10"),
+               ("plain_no_item_10s", "plain CLOSESPIDER_TIMEOUT_NO_ITEM=10")]
+
 #: block name -> rows (label, figure name, target). A missing figure shows as "not measured".
 BLOCKS: dict[str, list[tuple[str, str, str]]] = {
     "headline": [
@@ -82,8 +87,10 @@ BLOCKS: dict[str, list[tuple[str, str, str]]] = {
         ("items lost after SIGKILL + resume, pack + journal", "recovery.sigkill_lost_pack",
          "0"),
         ("items lost after SIGKILL + resume, plain JOBDIR", "recovery.sigkill_lost_plain", "—"),
-        ("reachable items lost in a 10 % hang storm, pack", "recovery.storm_lost_pack", "0"),
-        ("reachable items lost in a 10 % hang storm, plain", "recovery.storm_lost_plain", "—"),
+        *[(f"10 % hang storm, {what}: reachable items lost", f"recovery.storm_lost_{side}",
+           "0" if side == "pack" else "—") for side, what in STORM_SIDES],
+        *[(f"10 % hang storm, {what}: wall time (finished, or the limit)",
+           f"recovery.storm_wall_{side}", "—") for side, what in STORM_SIDES],
         ("journal overhead (crawl time with / without)", "recovery.journal_overhead",
          "close to 1"),
     ],
@@ -107,9 +114,16 @@ BLOCKS: dict[str, list[tuple[str, str, str]]] = {
         ("items lost, all scenarios", "diagnose.lost_total", "0"),
     ],
     "playwright": [
-        ("pages leaked (callbacks raise), stock handler", "playwright.leaked_pages_plain", "—"),
-        ("pages leaked (callbacks raise), safe handler", "playwright.leaked_pages_pack", "0"),
-        ("pages/min, safe / stock handler", "playwright.throughput_ratio", "close to 1"),
+        ("pages left open (callbacks raise), plain Scrapy + stock handler",
+         "playwright.leaked_pages_plain", "—"),
+        ("pages left open (callbacks raise), full add-on + safe handler",
+         "playwright.leaked_pages_pack", "0"),
+        ("crawls finished within the window, stock (share of rounds)",
+         "playwright.completed_plain", "—"),
+        ("crawls finished within the window, add-on (share of rounds)",
+         "playwright.completed_pack", "1"),
+        ("pages/min, add-on / stock, over the pages both completed",
+         "playwright.throughput_ratio", "close to 1"),
     ],
 }
 

@@ -1,9 +1,16 @@
-"""Fleet mode vs plain scrapy-redis: 4 workers, 8 proxies x 2 slots, 1 % hanging requests,
-one worker SIGKILLed at half-time.
+"""Fleet mode vs scrapy-redis without it: 4 workers, 8 proxies x 2 slots, 1 % hanging
+requests, one worker SIGKILLed at half-time.
 
-- *fleet*: ``ReliableQueue`` + proxy leases in Redis (ANTIDEADLOCK_FLEET_REDIS_URL);
-- *plain*: scrapy-redis's own queue, and each worker leases proxies from its own local
-  pool (the "local counter per worker": it believes it owns every slot).
+- *fleet*: the full add-on in fleet mode: ``ReliableQueue`` + proxy leases in Redis
+  (ANTIDEADLOCK_FLEET_REDIS_URL);
+- *local*: the same workers without fleet mode: scrapy-redis's own queue, and each
+  worker leases proxies from the add-on's local pool (the "local counter per worker": it
+  believes it owns every slot). Plain Scrapy has no proxy pool to compare with, so this
+  side isolates what fleet mode adds; it has the same deadlines, retries and limits.
+
+Both modes get the same time limit (``--limit``): workers still running at it are killed,
+and what they had not stored counts as lost. The modes alternate order over ``--rounds``;
+figures are medians.
 
 Per mode: unique items/min of the fleet, requests lost (expected keys never stored),
 fleet leases still live after their TTL, most concurrent transfers seen at any proxy
@@ -11,7 +18,8 @@ fleet leases still live after their TTL, most concurrent transfers seen at any p
 lease (acquire + release: two round trips) in microseconds, local pool vs Redis backend.
 It runs its own ``redis-server`` unless given one.
 
-    python -m bench.fleet [--items 2000] [--redis-url redis://127.0.0.1:6380/0]
+    python -m bench.fleet [--items 2000] [--limit 240] [--rounds 1]
+                          [--redis-url redis://127.0.0.1:6380/0]
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from scrapy_antideadlock.testing import FaultProxy, FaultSite, Latency, run_craw
 from scrapy_antideadlock.testing.redis import scrapy_redis_settings
 from scrapy_antideadlock.testing.site import Fault
 from scrapy_antideadlock.testing.spiders import SiteSpider
+
+from .common import load_line
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS, PROXIES, SLOTS = 4, 8, 2
@@ -71,7 +81,8 @@ def worker_settings(mode: str, url: str, prefix: str, worker: str,
 
 
 def run_mode(mode: str, url: str, site: FaultSite, proxies: list[FaultProxy], items: int,
-             tmp: Path) -> dict[str, Any]:
+             tmp: Path, limit: float) -> dict[str, Any]:
+    tmp.mkdir(parents=True, exist_ok=True)
     prefix = f"bench:{mode}:{uuid.uuid4().hex[:6]}"
     client = redis.Redis.from_url(url)
     client.config_resetstat()  # a private server: commandstats are this run's
@@ -86,16 +97,18 @@ def run_mode(mode: str, url: str, site: FaultSite, proxies: list[FaultProxy], it
     expected = set(site.expected_keys())
     victim = procs[0]
     while sum(len(p.items()) for p in procs) < len(expected) // 2:
-        if all(p.returncode is not None for p in procs):
+        if all(p.returncode is not None for p in procs) or time.monotonic() - started > limit:
             break
         time.sleep(0.05)
     victim.kill(signal.SIGKILL)
     killed_at = time.monotonic()
+    cut = 0
     for proc in procs[1:]:
         try:
-            proc.wait(600)
+            proc.wait(max(0.1, limit - (time.monotonic() - started)))
         except TimeoutError:
-            proc.kill()
+            proc.kill(signal.SIGKILL)
+            cut += 1
     elapsed = time.monotonic() - started
     stored: dict[str, int] = {}
     for proc in procs:
@@ -115,6 +128,7 @@ def run_mode(mode: str, url: str, site: FaultSite, proxies: list[FaultProxy], it
         "redelivered": sum(s.get("antideadlock/fleet/redelivered", 0) for s in stats),
         "degraded": sum(s.get("antideadlock/fleet/degraded", 0) for s in stats),
         "killed_after_s": round(killed_at - started, 1),
+        "workers_cut_at_limit": cut,
         "exit_codes": [p.returncode for p in procs],
     }
 
@@ -176,6 +190,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1000 if os.environ.get("BENCH_REPORT")
                         else 2000)
+    parser.add_argument("--limit", type=float, default=240.0,
+                        help="seconds each mode gets (workers still running are killed)")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--redis-url", default=None,
                         help="a Redis of its own (CONFIG RESETSTAT is used); default: a "
                              "private redis-server")
@@ -189,12 +206,16 @@ def main() -> int:
                      latency=Latency.lognormal(0.05, 0.5, cap=0.5)).start()
     site.add_fault("/item/*", Fault.hang(), rate=0.01)
     proxies = [FaultProxy().start() for _ in range(PROXIES)]
-    results = []
+    runs: dict[str, list[dict[str, Any]]] = {"fleet": [], "local": []}
+    print(f"{load_line()} (start); limit {args.limit:.0f} s for each mode, "
+          f"{args.rounds} alternating round(s)", flush=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for mode in ("fleet", "plain"):
-                results.append(run_mode(mode, url, site, proxies, args.items, Path(tmp)))
-                print(json.dumps(results[-1]))
+            for rnd in range(args.rounds):
+                for mode in ("fleet", "local") if rnd % 2 == 0 else ("local", "fleet"):
+                    runs[mode].append(run_mode(mode, url, site, proxies, args.items,
+                                               Path(tmp) / f"r{rnd}", args.limit))
+                    print(json.dumps(runs[mode][-1]), flush=True)
         local_us, redis_us = lease_latency(url)
     finally:
         for proxy in proxies:
@@ -202,22 +223,27 @@ def main() -> int:
         site.stop()
         if server is not None:
             server.cleanup()
-    fleet, plain = results
+    print(f"{load_line()} (end)")
     print(f"lease acquire+release: local {local_us:.1f} us, redis {redis_us:.1f} us")
-    print(f"RESULT fleet.items_per_min_fleet {fleet['items_per_min']} items/min "
-          f"# 4 workers, 1 SIGKILLed at half-time")
-    print(f"RESULT fleet.items_per_min_plain {plain['items_per_min']} items/min "
-          f"# plain scrapy-redis, local proxy counters")
-    print(f"RESULT fleet.lost_fleet {fleet['lost']} count # expected keys never stored")
-    print(f"RESULT fleet.lost_plain {plain['lost']} count # expected keys never stored")
-    print(f"RESULT fleet.leases_leaked {fleet['leases_live_after_ttl']} count "
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[mode])
+
+    what = (f"{WORKERS} workers, 1 SIGKILLed at half-time, limit {args.limit:.0f} s each, "
+            f"median of {args.rounds}")
+    local = "no fleet mode (scrapy-redis queue, per-worker local proxy pool)"
+    for mode, who in (("fleet", "fleet mode"), ("local", local)):
+        print(f"RESULT fleet.items_per_min_{mode} {med(mode, 'items_per_min'):g} items/min "
+              f"# {who}; {what}")
+        print(f"RESULT fleet.lost_{mode} {med(mode, 'lost'):g} count "
+              f"# {who}: expected keys never stored; {what}")
+        print(f"RESULT fleet.max_per_proxy_{mode} {med(mode, 'max_concurrent_at_a_proxy'):g} "
+              f"count # {who}: most transfers at one proxy (capacity {SLOTS})")
+    print(f"RESULT fleet.leases_leaked {med('fleet', 'leases_live_after_ttl'):g} count "
           f"# fleet leases live after TTL")
-    print(f"RESULT fleet.max_per_proxy_fleet {fleet['max_concurrent_at_a_proxy']} count "
-          f"# capacity {SLOTS}")
-    print(f"RESULT fleet.max_per_proxy_plain {plain['max_concurrent_at_a_proxy']} count "
-          f"# capacity {SLOTS}")
-    print(f"RESULT fleet.round_trips_per_request {fleet['round_trips_per_request']} count "
-          f"# Redis round trips; plain scrapy-redis: {plain['round_trips_per_request']}")
+    print(f"RESULT fleet.round_trips_per_request {med('fleet', 'round_trips_per_request'):g} "
+          f"count # Redis round trips per response, fleet mode; without it (scrapy-redis "
+          f"queue only): {med('local', 'round_trips_per_request'):g}")
     print(f"RESULT fleet.lease_added_latency {redis_us - local_us:.1f} us "
           f"# acquire+release, Redis vs local")
     return 0

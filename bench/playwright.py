@@ -1,4 +1,4 @@
-"""Playwright benchmark: stock scrapy-playwright 0.0.48 vs SafePlaywrightDownloadHandler.
+"""Playwright benchmark: stock scrapy-playwright 0.0.48 vs the full add-on with its handler.
 
 Scenario "raise" (the issue's): 200 JS-rendered detail pages (+ 20 listings) with
 ``playwright_include_page=True``; half the item callbacks raise without closing their
@@ -11,12 +11,18 @@ The handlers and spiders are the test bed's Playwright fault components
 (``scrapy_antideadlock.testing.playwright_faults``: probe handlers, IncludePageSpider,
 ContextPerItemSpider), the same ones tests/test_playwright.py runs.
 
-For each handler, in the same invocation, one crawl in a fresh child process bounded by
-``--window`` seconds: whether it completed, items, responses, pages/min over the pages
-it completed (first request to last response), and the pages (contexts) still open in
-the browser at the end — counted by the browser over CDP, not by either handler.
+The sides: "stock", plain Scrapy with scrapy-playwright's handler as its README
+configures it; "safe", the full add-on (ADDONS line) with SafePlaywrightDownloadHandler,
+which is what the add-on swaps in (both as the test bed's probe subclasses, so the pages
+left open are counted the same way on both sides, before any cleanup).
 
-    python -m bench.playwright [--scenario raise|contexts|both] [--window 120]
+Per round, in alternating order (stock safe, safe stock, ...), one crawl per side in a
+fresh child process bounded by the same ``--window`` seconds: whether it completed,
+items, responses, pages/min over the pages it completed (first request to last
+response), and the pages (contexts) still open in the browser at the end — counted by
+the browser over CDP, not by either handler. Figures are medians over ``--rounds``.
+
+    python -m bench.playwright [--scenario raise|contexts|both] [--window 120] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +59,7 @@ async def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     handler = HANDLERS[spec["handler"]]
     settings: dict[str, Any] = {
         "LOG_LEVEL": "ERROR",
+        **({"ADDONS": {"scrapy_antideadlock.Addon": 0}} if spec["handler"] == "safe" else {}),
         "DOWNLOAD_HANDLERS": {"http": handler, "https": handler},
         "PLAYWRIGHT_LAUNCH_OPTIONS": chromium_launch_options(),
         "PLAYWRIGHT_BROWSER_TYPE": "chromium",
@@ -130,55 +138,77 @@ def main() -> None:
     parser.add_argument("--scenario", choices=["raise", "contexts", "both"], default="raise")
     parser.add_argument("--window", type=float, default=120.0,
                         help="bound on each crawl, seconds")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="paired rounds (2; 1 under bench.report: the stock side always "
+                             "runs to the window)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(json.loads(args.child))
         return
+    if args.rounds is None:
+        args.rounds = 1 if os.environ.get("BENCH_REPORT") else 2
     from scrapy_antideadlock.testing import FaultSite
 
+    from .common import load_line
+
     scenarios = ["raise", "contexts"] if args.scenario == "both" else [args.scenario]
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[0]
-    print(f"# bench.playwright  load average at start {load}, window {args.window:.0f} s")
-    rows = []
+    print(f"# bench.playwright  {load_line()} (start), window {args.window:.0f} s for every "
+          f"side, {args.rounds} alternating round(s)")
+    pairs: dict[str, list[dict[str, dict[str, Any]]]] = {s: [] for s in scenarios}
     with FaultSite(pages=20, items_per_page=10) as site:
         for scenario in scenarios:
-            for handler in ("stock", "safe"):
-                spec = {"scenario": scenario, "handler": handler, "window": args.window,
-                        "start_url": site.start_url}
-                row = _run_child(spec)
-                rows.append(row)
-                shown = {k: v for k, v in row.items() if k != "timeline"}
-                print(json.dumps(shown), flush=True)
-            _same_pages(rows[-2], rows[-1])
+            for rnd in range(args.rounds):
+                pair: dict[str, dict[str, Any]] = {}
+                for handler in ("stock", "safe") if rnd % 2 == 0 else ("safe", "stock"):
+                    spec = {"scenario": scenario, "handler": handler, "window": args.window,
+                            "start_url": site.start_url}
+                    pair[handler] = row = _run_child(spec)
+                    row["round"] = rnd + 1
+                    print(json.dumps({k: v for k, v in row.items() if k != "timeline"}),
+                          flush=True)
+                _same_pages(pair["stock"], pair["safe"])
+                pairs[scenario].append(pair)
+    print(f"# {load_line()} (end)")
     print()
-    print("| scenario | handler | completed | elapsed s | items | responses | pages/min "
+    print("| scenario | round | side | completed | elapsed s | items | responses | pages/min "
           "| pages/min, first N | open pages at end | open contexts at end "
           "| open pages / contexts after our cleanup |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['scenario']} | {r['handler']} | {'yes' if r['finished'] else 'NO (hung)'} "
-              f"| {r['elapsed']} | {r['items']} | {r['item_responses']} | {r['pages_per_min']} "
-              f"| {r['first_n']} | {r['open_pages_at_end']} | {r['open_contexts_at_end']} "
-              f"| {r['open_pages_after_cleanup']} / {r['open_contexts_after_cleanup']} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for scenario, rounds in pairs.items():
+        for pair in rounds:
+            for r in (pair["stock"], pair["safe"]):
+                print(f"| {scenario} | {r['round']} | {r['handler']} "
+                      f"| {'yes' if r['finished'] else 'NO (hung)'} | {r['elapsed']} "
+                      f"| {r['items']} | {r['item_responses']} | {r['pages_per_min']} "
+                      f"| {r['first_n']} | {r['open_pages_at_end']} "
+                      f"| {r['open_contexts_at_end']} | {r['open_pages_after_cleanup']} / "
+                      f"{r['open_contexts_after_cleanup']} |")
     print("\npages/min, first N: over the first N item responses, N = what both completed")
-    for stock, safe in zip(rows[::2], rows[1::2], strict=True):
-        if stock["scenario"] != "raise":
-            continue
-        print(f"RESULT playwright.leaked_pages_plain {stock['open_pages_at_end']} count "
-              "# stock scrapy-playwright, pages open at the end (browser count)")
-        print(f"RESULT playwright.leaked_pages_pack {safe['open_pages_at_end']} count "
-              "# SafePlaywrightDownloadHandler, pages open at the end (browser count)")
-        print(f"RESULT playwright.completed_plain {int(stock['finished'])} count "
-              f"# stock finished within {args.window:.0f} s (1) or hung (0)")
-        print(f"RESULT playwright.completed_pack {int(safe['finished'])} count "
-              f"# ours finished within {args.window:.0f} s")
-        n = min(len(stock["timeline"]), len(safe["timeline"]))
+    rounds = pairs.get("raise")
+    if not rounds:
+        return
+    med = statistics.median
+    what = f"window {args.window:.0f} s for each side, median of {len(rounds)} rounds"
+    for side, label, who in (("stock", "plain", "stock scrapy-playwright, no add-on"),
+                             ("safe", "pack", "full add-on + SafePlaywrightDownloadHandler")):
+        leaked = [p[side]["open_pages_at_end"] for p in rounds
+                  if p[side]["open_pages_at_end"] is not None]
+        if leaked:
+            print(f"RESULT playwright.leaked_pages_{label} {med(leaked):g} count "
+                  f"# {who}, pages open at the end (browser count); {what}")
+        done = sum(bool(p[side]["finished"]) for p in rounds) / len(rounds)
+        print(f"RESULT playwright.completed_{label} {done:g} count "
+              f"# {who}: share of rounds finished within the window (1 = all, 0 = all hung)")
+    ratios = []
+    for p in rounds:
+        n = min(len(p["stock"]["timeline"]), len(p["safe"]["timeline"]))
         if n:
-            ratio = stock["timeline"][n - 1] / safe["timeline"][n - 1]
-            print(f"RESULT playwright.throughput_ratio {ratio:.2f} ratio "
-                  f"# pages/min ours / stock over the first {n} item pages both completed")
+            ratios.append(p["stock"]["timeline"][n - 1] / p["safe"]["timeline"][n - 1])
+    if ratios:
+        print(f"RESULT playwright.throughput_ratio {med(ratios):.2f} ratio "
+              f"# pages/min, add-on / stock, over the first item pages both completed in a "
+              f"round; median of {len(ratios)} paired rounds")
 
 
 def _same_pages(stock: dict[str, Any], safe: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ BLACK: Color = (0, 0, 0)
 GREY: Color = (200, 200, 200)
 RED: Color = (214, 39, 40)
 BLUE: Color = (31, 119, 180)
+ORANGE: Color = (255, 127, 14)
 
 
 class Canvas:

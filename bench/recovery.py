@@ -1,7 +1,8 @@
 """Recovery benchmark: hang storm, SIGKILL/resume, journal overhead — pack vs plain Scrapy.
 
-    python -m bench.recovery            # ~3-4 min on 2 cores
-    python -m bench.recovery --reps 1   # quicker overhead figure
+    python -m bench.recovery            # ~12 min on 2 cores (3 reps)
+    python -m bench.recovery --reps 1   # ~5 min (what bench.report runs)
+    python -m bench.recovery --only storm --storm-limit 60
 
 Every crawl runs in its own process (``run_crawl_subprocess``) against a FaultSite on
 127.0.0.1 and is bounded in wall time (killed past the bound, as a supervisor would).
@@ -9,8 +10,12 @@ Every crawl runs in its own process (``run_crawl_subprocess``) against a FaultSi
 1. Journal overhead, fault-free: crawl time (Scrapy's ``elapsed_time_seconds``) of the
    pack through the add-on with and without the journal (and plain Scrapy for scale).
 2. Hang storm: 10 % of the item pages never answer. The pack (add-on defaults + journal)
-   vs plain Scrapy with ``CLOSESPIDER_TIMEOUT_NO_ITEM`` + ``JOBDIR``. Reported: wall time,
-   reachable items lost, items/min vs the same configuration fault-free.
+   vs plain Scrapy as a careful user runs it, each with a ``JOBDIR``: ``DOWNLOAD_TIMEOUT``
+   3 s, ``DOWNLOAD_TIMEOUT`` 10 s, and the defaults plus ``CLOSESPIDER_TIMEOUT_NO_ITEM``.
+   Every side gets the same wall-time limit (``--storm-limit``); a plain run that closes
+   early is resumed from its JOBDIR, as a supervisor would, inside that same limit. Sides
+   alternate order per rep; figures are medians. Reported: wall time, reachable items
+   lost, reachable items/min vs the same configuration fault-free.
 3. SIGKILL at 1/3 of the crawl, then a resume: pack + journal vs plain ``JOBDIR``.
 """
 
@@ -44,8 +49,11 @@ def crawl(settings: dict[str, Any], start_url: str, workdir: Path, name: str,
     proc = run_crawl_subprocess(SPIDER, {**BASE, **settings}, items_path=items_path,
                                 spider_kwargs={"start_url": start_url})
     killed = False
+    times: list[float] = []  # seconds from start at which each item was seen stored
     try:
         while proc.returncode is None:
+            seen = len(proc.items())
+            times += [time.monotonic() - started] * (seen - len(times))
             if time.monotonic() - started > bound:
                 proc.kill(signal.SIGKILL)
                 killed = True
@@ -59,7 +67,9 @@ def crawl(settings: dict[str, Any], start_url: str, workdir: Path, name: str,
     finally:
         proc.kill(signal.SIGKILL)
     stats = proc.stats() or {}
-    return {"wall": time.monotonic() - started, "items": proc.items(), "code": code,
+    items = proc.items()
+    times += [time.monotonic() - started] * (len(items) - len(times))
+    return {"wall": time.monotonic() - started, "items": items, "times": times, "code": code,
             "killed": killed, "stats": stats, "crawl_time": crawl_time(proc, stats),
             "cpu": _children_cpu() - cpu_before}
 
@@ -81,11 +91,6 @@ def keys(*runs: dict[str, Any]) -> set[str]:
     return {item["key"] for run in runs for item in run["items"]}
 
 
-def per_min(run: dict[str, Any]) -> float:
-    elapsed = run["crawl_time"] or run["wall"]
-    return len(run["items"]) / elapsed * 60 if elapsed else float("nan")
-
-
 def journal(workdir: Path, name: str) -> dict[str, Any]:
     return {**ADDON, "ANTIDEADLOCK_JOURNAL_ENABLED": True,
             "ANTIDEADLOCK_JOURNAL_DIR": str(workdir / f"journal-{name}")}
@@ -98,8 +103,9 @@ def overhead(workdir: Path, reps: int) -> dict[str, float]:
     cpu: dict[str, list[float]] = {label: [] for label in labels}
     with FaultSite(pages=100, items_per_page=10, latency=Latency.fixed(0.01)) as site:
         for rep in range(reps):
-            for label, settings in (("plain", {}), ("addon", dict(ADDON)),
-                                    ("addon+journal", journal(workdir, f"ovh{rep}"))):
+            sides = [("plain", {}), ("addon", dict(ADDON)),
+                     ("addon+journal", journal(workdir, f"ovh{rep}"))]
+            for label, settings in sides if rep % 2 == 0 else sides[::-1]:
                 run = crawl(settings, site.start_url, workdir, f"ovh-{label}-{rep}", 180)
                 assert len(run["items"]) == 1000, (label, len(run["items"]))
                 times[label].append(run["crawl_time"])
@@ -156,40 +162,111 @@ def journal_micro(n: int = 5000) -> float:
     return elapsed / n
 
 
-def storm(workdir: Path) -> dict[str, float]:
-    print("== 2. hang storm: 10 % of 300 item pages never answer")
+#: The storm's sides, each under the same time limit. Plain Scrapy as a careful user runs
+#: it: a tuned DOWNLOAD_TIMEOUT, or the defaults plus CLOSESPIDER_TIMEOUT_NO_ITEM; each
+#: with a JOBDIR, resumed (as a supervisor would) while the limit lasts.
+STORM_SIDES: dict[str, dict[str, Any]] = {
+    "pack": {},
+    "plain_t3s": {"DOWNLOAD_TIMEOUT": 3},
+    "plain_t10s": {"DOWNLOAD_TIMEOUT": 10},
+    "plain_no_item_10s": {"CLOSESPIDER_TIMEOUT_NO_ITEM": 10},
+}
+STORM_WHAT = {"pack": "add-on + journal", "plain_t3s": "plain DOWNLOAD_TIMEOUT=3 + JOBDIR",
+              "plain_t10s": "plain DOWNLOAD_TIMEOUT=10 + JOBDIR",
+              "plain_no_item_10s": "plain CLOSESPIDER_TIMEOUT_NO_ITEM=10 + JOBDIR"}
+
+
+def storm_side(side: str, start_url: str, workdir: Path, name: str,
+               limit: float) -> dict[str, Any]:
+    """One side of the storm under ``limit`` s of wall time in all: the pack runs once;
+    a plain side is resumed from its JOBDIR after each early close while time is left."""
+    if side == "pack":
+        settings = journal(workdir, name)
+    else:
+        settings = {**STORM_SIDES[side], "JOBDIR": str(workdir / f"jobdir-{name}")}
+    runs: list[dict[str, Any]] = []
+    began = time.monotonic()
+    while True:
+        left = limit - (time.monotonic() - began)
+        if left < 1:
+            break
+        offset = time.monotonic() - began
+        run = crawl(settings, start_url, workdir, f"{name}-{len(runs)}", left)
+        run["times"] = [offset + t for t in run["times"]]
+        runs.append(run)
+        if side == "pack" or run["killed"] or run["stats"].get("_close_reason") == "finished":
+            break
+    last = runs[-1]
+    return {"runs": runs, "wall": time.monotonic() - began, "killed": last["killed"],
+            "finished": not last["killed"] and last["stats"].get("_close_reason") == "finished"}
+
+
+def rate95(runs: list[dict[str, Any]], wanted: set[str], limit: float) -> float:
+    """Wanted items per minute until 95 % of them were stored (the items stored per minute
+    of the limit when 95 % never were): the same measure as bench.tail's."""
+    seen: set[str] = set()
+    at: list[float] = []
+    for run in runs:
+        for item, t in zip(run["items"], run["times"], strict=False):
+            if item["key"] in wanted and item["key"] not in seen:
+                seen.add(item["key"])
+                at.append(t)
+    k = int(0.95 * len(wanted))
+    at.sort()
+    if k and len(at) >= k:
+        return k / max(at[k - 1], 1e-9) * 60
+    return len(at) / limit * 60
+
+
+def storm(workdir: Path, limit: float, reps: int) -> dict[str, float]:
+    print(f"== 2. hang storm: 10 % of 300 item pages never answer; every side gets {limit:.0f} s "
+          "(plain sides resumed from their JOBDIR while time is left)")
     out: dict[str, float] = {}
+    walls: dict[str, list[float]] = {side: [] for side in STORM_SIDES}
+    lost: dict[str, list[int]] = {side: [] for side in STORM_SIDES}
+    rates: dict[str, list[float]] = {side: [] for side in STORM_SIDES}
     with FaultSite(pages=30, items_per_page=10, latency=Latency.fixed(0.01), seed=7) as site:
-        ok = {"pack": crawl(journal(workdir, "storm-ok"), site.start_url, workdir,
-                            "storm-ok-pack", 120),
-              "plain": crawl({"JOBDIR": str(workdir / "jobdir-storm-ok")}, site.start_url,
-                             workdir, "storm-ok-plain", 120)}
+        clean: dict[str, list[float]] = {"pack": [], "plain": []}
+        for rep in range(reps):  # fault-free references, alternating
+            for label in ("pack", "plain") if rep % 2 == 0 else ("plain", "pack"):
+                settings = (journal(workdir, f"storm-ok{rep}") if label == "pack" else
+                            {"DOWNLOAD_TIMEOUT": 3,
+                             "JOBDIR": str(workdir / f"jobdir-storm-ok{rep}")})
+                run = crawl(settings, site.start_url, workdir, f"storm-ok-{label}-{rep}",
+                            limit)
+                clean[label].append(rate95([run], set(site.expected_keys()), limit))
         site.add_fault("/item/*", Fault.hang(), rate=0.1, per="url")
         reachable = set(site.expected_keys())
-        print(f"  reachable items: {len(reachable)} of 300")
-        pack = crawl(journal(workdir, "storm"), site.start_url, workdir, "storm-pack", 240)
-        plain_settings = {"JOBDIR": str(workdir / "jobdir-storm"),
-                          "CLOSESPIDER_TIMEOUT_NO_ITEM": 10}
-        plain = crawl(plain_settings, site.start_url, workdir, "storm-plain", 90)
-        plain_resume = crawl(plain_settings, site.start_url, workdir, "storm-plain-resume", 60)
-    for label, run, extra in (("pack", pack, ()), ("plain", plain, (plain_resume,))):
-        lost = len(reachable - keys(run, *extra))
-        fault_free = per_min(ok[label])
-        retained = per_min(run) / fault_free if fault_free else float("nan")
-        ended = "killed at the bound" if run["killed"] else \
-            f"exit {run['code']} ({run['stats'].get('_close_reason', '?')})"
-        print(f"  {label:6s} wall {run['wall']:6.1f}s, {ended}; items {len(keys(run))}"
-              f"{' + resume ' + str(len(keys(*extra) - keys(run))) if extra else ''}; "
-              f"reachable lost {lost}; items/min {per_min(run):.0f} vs fault-free "
-              f"{fault_free:.0f} (x{retained:.2f})")
-        out[f"storm_lost_{label}"] = lost
-        out[f"storm_wall_{label}"] = run["wall"]
-        out[f"storm_retained_{label}"] = retained
-    stats = pack["stats"]
-    print("  pack actions: " + ", ".join(f"{k.split('/', 1)[1]}={v}" for k, v in stats.items()
-                                        if k.startswith(("antideadlock/watchdog/",
-                                                         "antideadlock/deadline/"))
-                                        and isinstance(v, int)))
+        print(f"  reachable items: {len(reachable)} of 300; fault-free items/min until 95 % "
+              f"(median): pack {statistics.median(clean['pack']):.0f}, plain "
+              f"{statistics.median(clean['plain']):.0f}")
+        sides = list(STORM_SIDES)
+        for rep in range(reps):
+            for side in sides if rep % 2 == 0 else list(reversed(sides)):
+                result = storm_side(side, site.start_url, workdir, f"storm-{side}-{rep}",
+                                    limit)
+                got = keys(*result["runs"])
+                missing = len(reachable - got)
+                walls[side].append(result["wall"])
+                lost[side].append(missing)
+                rates[side].append(rate95(result["runs"], reachable, limit))
+                ends = ", ".join("killed at the limit" if r["killed"] else
+                                 f"{r['stats'].get('_close_reason', '?')} {r['wall']:.0f}s"
+                                 for r in result["runs"])
+                print(f"  {side:18s} {result['wall']:6.1f}s ({len(result['runs'])} run(s): "
+                      f"{ends}); reachable stored {len(got & reachable)}, lost {missing}; "
+                      f"items/min until 95 % {rates[side][-1]:.0f}", flush=True)
+                if side == "pack" and rep == 0:
+                    stats = result["runs"][-1]["stats"]
+                    print("  pack actions: " + ", ".join(
+                        f"{k.split('/', 1)[1]}={v}" for k, v in stats.items()
+                        if k.startswith(("antideadlock/watchdog/", "antideadlock/deadline/"))
+                        and isinstance(v, int)))
+    for side in sides:
+        reference = statistics.median(clean["pack" if side == "pack" else "plain"])
+        out[f"storm_lost_{side}"] = statistics.median(lost[side])
+        out[f"storm_wall_{side}"] = statistics.median(walls[side])
+        out[f"storm_retained_{side}"] = statistics.median(rates[side]) / reference
     return out
 
 
@@ -218,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=1 if os.environ.get("BENCH_REPORT") else 3)
     parser.add_argument("--only", default="overhead,storm,sigkill")
+    parser.add_argument("--storm-limit", type=float,
+                        default=60.0 if os.environ.get("BENCH_REPORT") else 90.0,
+                        help="seconds of wall time every storm side gets (resumes included)")
     args = parser.parse_args(argv)
     try:
         load = os.getloadavg()
@@ -231,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead" in only:
             results.update(overhead(workdir, args.reps))
         if "storm" in only:
-            results.update(storm(workdir))
+            results.update(storm(workdir, args.storm_limit, args.reps))
         if "sigkill" in only:
             results.update(sigkill(workdir))
     notes = {
@@ -239,18 +319,19 @@ def main(argv: list[str] | None = None) -> int:
         "journal_cpu_overhead": ("ratio", "process CPU, add-on + journal / add-on, fault-free"),
         "journal_us_per_request": ("us", "journal CPU per request (serialise+append+done)"),
         "addon_vs_plain": ("ratio", "crawl time, add-on / plain Scrapy, fault-free"),
-        "storm_lost_pack": ("count", "reachable items lost, 10 % hang storm, pack"),
-        "storm_lost_plain": ("count", "reachable items lost, 10 % hang storm, plain "
-                                      "(CLOSESPIDER_TIMEOUT_NO_ITEM + JOBDIR, + a resume)"),
-        "storm_wall_pack": ("s", "wall time, 10 % hang storm, pack"),
-        "storm_wall_plain": ("s", "wall time, 10 % hang storm, plain (bounded at 90 s)"),
-        "storm_retained_pack": ("ratio", "items/min in the storm / fault-free, pack"),
-        "storm_retained_plain": ("ratio", "items/min in the storm / fault-free, plain"),
         "sigkill_lost_pack": ("count", "items lost after SIGKILL + resume, pack + journal"),
         "sigkill_lost_plain": ("count", "items lost after SIGKILL + resume, plain JOBDIR"),
         "sigkill_duplicates_pack": ("count", "items stored twice after SIGKILL + resume, pack"),
         "sigkill_duplicates_plain": ("count", "items stored twice, plain JOBDIR"),
     }
+    for side, what in STORM_WHAT.items():
+        limit = f"limit {args.storm_limit:.0f} s for every side, median of {args.reps}"
+        notes[f"storm_lost_{side}"] = ("count", f"reachable items not stored, 10 % hang "
+                                                f"storm, {what}; {limit}")
+        notes[f"storm_wall_{side}"] = ("s", f"wall time to finish (or the limit), 10 % hang "
+                                            f"storm, {what}; {limit}")
+        notes[f"storm_retained_{side}"] = ("ratio", f"reachable items/min until 95 % of "
+                                                    f"them, storm / fault-free, {what}; {limit}")
     for name, value in results.items():
         unit, text = notes[name]
         print(f"RESULT recovery.{name} {value:.4g} {unit} # {text}")

@@ -1,12 +1,15 @@
-"""One command for every benchmark: ``python -m bench.report``.
+"""One command for every benchmark, from one commit: ``python -m bench.report``.
 
-Runs each ``bench/<name>.py`` (overhead, hang_rate, pipeline, detect, playwright,
-recovery, timeline, and any other bench module) as ``python -m bench.<name>`` in its own
-process group, one after the other, each under a time bound; keeps its output in
-``bench/results/<name>.log``; collects its ``RESULT <name> <value> <unit> [# note]``
-lines (see bench/README.md); and writes ``bench/results/REPORT.md``: the headline
-ratios, every figure, the status of each benchmark (a missing or failed one is
-reported as such, never filled in) and the machine it ran on. ``bench.timeline`` draws
+Runs each ``bench/<name>.py`` (overhead, broad, tail, hang_rate, pipeline, ..., and any
+other bench module) as ``python -m bench.<name>`` in its own process group, one after
+the other, each under a time bound; keeps its output in ``bench/results/<name>.log``
+(headed by the commit and the load average); collects its ``RESULT <name> <value> <unit>
+[# note]`` lines (see bench/README.md); and writes ``bench/results/REPORT.md`` (the
+headline ratios, every figure, the status of each benchmark — a missing or failed one is
+reported as such, never filled in — the commit and the machine) and
+``bench/results/results.json``, then rewrites the README/docs figure blocks from it.
+A tree with uncommitted changes is refused (``--allow-dirty`` flags it instead), and a
+log of another commit never contributes a figure. ``bench.timeline`` draws
 ``bench/results/hang_rate.png``.
 
     python -m bench.report [--only a,b] [--skip a,b] [--bound SECONDS] [--reuse-logs]
@@ -17,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -30,13 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._machine import dirty, git_commit, load, machine, now
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
 #: Benchmarks in run order (the issues' headline figures); others found in bench/ follow.
 KNOWN = ["overhead", "broad", "tail", "hang_rate", "pipeline", "pipeline_crawl", "detect",
-         "playwright", "recovery", "timeline"]
+         "playwright", "recovery", "timeline", "diagnose", "fleet"]
 #: Modules in bench/ that are not benchmarks.
 NOT_BENCHES = {"__init__", "__main__", "common", "report", "pngplot", "figures"}
 #: Every figure of one invocation, from one commit: what README/docs figures are made from.
@@ -48,10 +51,6 @@ RESULT_RE = re.compile(
 #: Summary lines of benchmarks written before the RESULT convention: (bench, regex, name,
 #: unit, note). A RESULT line of the same name wins.
 LEGACY_PATTERNS: list[tuple[str, str, str, str, str]] = [
-    ("hang_rate", r"^hang_rate ratio plain\s*=\s*([0-9.]+)", "hang_rate.retained_plain", "ratio",
-     "items/min with 1 % hangs / fault-free, plain Scrapy"),
-    ("hang_rate", r"^hang_rate ratio pack\s*=\s*([0-9.]+)", "hang_rate.retained_pack", "ratio",
-     "items/min with 1 % hangs (pack) / plain fault-free"),
     ("pipeline", r"^\(c\)/\(a\)\s*=\s*([0-9.]+)x", "pipeline.vs_naive", "x",
      "pack pipeline / naive per-item autocommit upserts"),
     ("pipeline", r"^\(c\)/\(b\)\s*=\s*([0-9.]+)x", "pipeline.vs_naive_batches", "x",
@@ -81,7 +80,10 @@ HEADLINES: list[tuple[str, str, str]] = [
     ("Pipeline crawl: items/min vs a JSON Lines feed", "pipeline_crawl.vs_feed", ">= 0.97"),
     ("Pipeline crawl: rows per commit at 16 concurrent", "pipeline_crawl.rows_per_commit",
      "—"),
-    ("1 % hang rate: throughput retained, plain Scrapy", "hang_rate.retained_plain", "—"),
+    ("1 % hang rate: throughput retained, plain DOWNLOAD_TIMEOUT=3",
+     "hang_rate.retained_plain_t3s", "—"),
+    ("1 % hang rate: throughput retained, plain DOWNLOAD_TIMEOUT=10",
+     "hang_rate.retained_plain_t10s", "—"),
     ("1 % hang rate: throughput retained, with the pack", "hang_rate.retained_pack", ">= 0.95"),
     ("Pipeline vs naive per-item upserts (same item count)", "pipeline.vs_naive", "> 1x"),
     ("Pipeline vs naive unsorted batches", "pipeline.vs_naive_batches", "> 1x"),
@@ -95,23 +97,23 @@ HEADLINES: list[tuple[str, str, str]] = [
      "playwright.leaked_pages_plain", "—"),
     ("Playwright pages leaked (callbacks raise), safe handler",
      "playwright.leaked_pages_pack", "0"),
-    ("Playwright crawl completed (1) or hung (0), stock handler",
+    ("Playwright crawls finished (share of rounds), stock handler",
      "playwright.completed_plain", "—"),
-    ("Playwright crawl completed (1) or hung (0), safe handler",
+    ("Playwright crawls finished (share of rounds), full add-on",
      "playwright.completed_pack", "1"),
     ("Playwright pages/min, safe / stock handler", "playwright.throughput_ratio", "close to 1"),
     ("Items lost after SIGKILL + resume, pack + journal", "recovery.sigkill_lost_pack", "0"),
     ("Items lost after SIGKILL + resume, plain JOBDIR", "recovery.sigkill_lost_plain", "—"),
-    ("Reachable items lost in a 10 % hang storm, pack", "recovery.storm_lost_pack", "0"),
-    ("Reachable items lost in a 10 % hang storm, plain", "recovery.storm_lost_plain", "—"),
-    ("10 % hang storm: throughput retained, pack", "recovery.storm_retained_pack", "—"),
-    ("10 % hang storm: throughput retained, plain", "recovery.storm_retained_plain", "—"),
+    ("Reachable items lost in a 10 % hang storm (equal limits)", "recovery.storm_lost_*",
+     "0 for the pack"),
+    ("10 % hang storm: wall time to finish or the limit", "recovery.storm_wall_*", "—"),
+    ("10 % hang storm: reachable items/min / fault-free", "recovery.storm_retained_*", "—"),
     ("Journal overhead (crawl time with / without)", "recovery.journal_overhead",
      "close to 1"),
-    ("Timeline (60 s, 1 % hang): items, plain Scrapy", "timeline.items_plain", "—"),
-    ("Timeline (60 s, 1 % hang): items, with the pack", "timeline.items_pack", "more"),
-    ("Timeline: items/min in the 2nd half, plain Scrapy", "timeline.rate_late_plain", "—"),
-    ("Timeline: items/min in the 2nd half, with the pack", "timeline.rate_late_pack", "> 0"),
+    ("Timeline (60 s, 1 % of URLs hang): items", "timeline.items_*", "most for the pack"),
+    ("Timeline: items/min in the 2nd half", "timeline.rate_late_*", "> 0"),
+    ("Fleet (4 workers, one SIGKILLed): items lost", "fleet.lost_*", "0 for fleet"),
+    ("Fleet: items/min", "fleet.items_per_min_*", "—"),
 ]
 
 
@@ -131,6 +133,12 @@ class Run:
     seconds: float = 0.0
     figures: list[Figure] = field(default_factory=list)
     log: Path | None = None
+    commit: str = "unknown"  # the commit its log says it measured
+    load: str = "n/a"  # load average (1/5/15 min) at its start and end
+
+    def of(self, commit: str) -> bool:
+        """Whether this run measured ``commit`` (a log of another commit never counts)."""
+        return self.commit == commit
 
 
 def discover() -> list[str]:
@@ -193,16 +201,20 @@ def _playwright_rows(output: str) -> list[Figure]:
     return out
 
 
-def run_bench(bench: str, bound: float) -> Run:
-    """``python -m bench.<bench>`` under ``bound`` seconds (its whole process group)."""
+def run_bench(bench: str, bound: float, commit: str) -> Run:
+    """``python -m bench.<bench>`` under ``bound`` seconds (its whole process group).
+
+    Its log starts with ``# commit <commit>`` and the load average, and ends with the load
+    average, so a log read back later says what it measured and how busy the machine was."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"{bench}.log"
     env = dict(os.environ, BENCH_REPORT="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     began = time.monotonic()
-    print(f"== bench.{bench} (bound {bound:.0f} s) ...", flush=True)
+    load_start = load()
+    print(f"== bench.{bench} (bound {bound:.0f} s, load {load_start}) ...", flush=True)
     with log.open("w") as out:
-        out.write(f"# commit {_git_commit()}\n")
+        out.write(f"# commit {commit}\n# started {now()} UTC, load {load_start}\n")
         out.flush()
         proc = subprocess.Popen([sys.executable, "-m", f"bench.{bench}"], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -214,111 +226,24 @@ def run_bench(bench: str, bound: float) -> Run:
             proc.wait()
             status = f"timed out after {bound:.0f} s"
     seconds = time.monotonic() - began
-    figures = parse(bench, log.read_text(errors="replace"))
-    print(f"   {status} in {seconds:.0f} s, {len(figures)} figures", flush=True)
-    for fig in figures:
+    with log.open("a") as out:
+        out.write(f"# ended {now()} UTC, load {load()}, {status} in {seconds:.0f} s\n")
+    run = read_log(bench, log, status, seconds)
+    print(f"   {status} in {seconds:.0f} s, {len(run.figures)} figures", flush=True)
+    for fig in run.figures:
         print(f"   {fig.name} = {fig.value:g} {fig.unit}", flush=True)
-    return Run(bench, status, seconds, figures, log)
+    return run
 
 
-# --------------------------------------------------------------------------- machine
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _memory() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    return "unknown"
-
-
-def _postgres_version() -> str:
-    try:
-        import psycopg
-
-        from scrapy_antideadlock.testing.postgres import resolve_dsn
-
-        dsn, cleanup = resolve_dsn(os.environ.get("ANTIDEADLOCK_TEST_PG_DSN") or None)
-        try:
-            with psycopg.connect(dsn, connect_timeout=5) as conn:
-                row = conn.execute("SHOW server_version").fetchone()
-                return str(row[0]) if row else "unknown"
-        finally:
-            cleanup()
-    except Exception as exc:  # noqa: BLE001 - a description, never a failure
-        return f"unknown ({type(exc).__name__})"
-
-
-def _chromium_version() -> str:
-    try:
-        from scrapy_antideadlock.testing import find_chromium
-
-        path = find_chromium()
-        if path is None:
-            return "not found"
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
-        return (out.stdout.strip() or out.stderr.strip().splitlines()[-1]) + f" ({path})"
-    except Exception as exc:  # noqa: BLE001
-        return f"unknown ({type(exc).__name__})"
-
-
-def _git_commit() -> str:
-    """The commit measured; changes to bench/results (this report's own output) don't count."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".",
-                                ":(exclude)bench/results"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _load() -> str:
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def machine(load_start: str, load_end: str) -> list[tuple[str, str]]:
-    return [
-        ("date (UTC)", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")),
-        ("CPU", f"{os.cpu_count()} × {_cpu_model()} (nproc {len(os.sched_getaffinity(0))})"),
-        ("memory", _memory()),
-        ("OS", f"{platform.system()} {platform.release()} ({platform.machine()})"),
-        ("Python", platform.python_version()),
-        ("Scrapy", _version("scrapy")),
-        ("Twisted", _version("twisted")),
-        ("scrapy-playwright / playwright",
-         f"{_version('scrapy-playwright')} / {_version('playwright')}"),
-        ("psycopg / psycopg-pool", f"{_version('psycopg')} / {_version('psycopg-pool')}"),
-        ("PostgreSQL server", _postgres_version()),
-        ("Chromium", _chromium_version()),
-        ("scrapy-antideadlock", f"{_version('scrapy-antideadlock')} (git {_git_commit()})"),
-        ("load average (1/5/15 min) at start / end", f"{load_start} — {load_end}"),
-    ]
-
+def read_log(bench: str, log: Path, status: str, seconds: float) -> Run:
+    """A run as its log tells it: figures, the commit measured and the load around it."""
+    text = log.read_text(errors="replace")
+    head = dict(re.findall(r"^# (commit|started|ended) (.*)$", text, re.M))
+    loads = [re.search(r"load ([0-9.]+ / [0-9.]+ / [0-9.]+)", head.get(k, ""))
+             for k in ("started", "ended")]
+    load = " — ".join(m[1] for m in loads if m) or "n/a"
+    return Run(bench, status, seconds, parse(bench, text), log,
+               head.get("commit", "unknown").strip(), load)
 
 # --------------------------------------------------------------------------- report
 
@@ -337,25 +262,35 @@ def _fmt(fig: Figure) -> str:
     return {"x": f"{text}×", "ratio": text, "count": text}.get(fig.unit, f"{text} {fig.unit}")
 
 
-def _status_of(bench: str, runs: dict[str, Run]) -> str:
+def _status_of(bench: str, runs: dict[str, Run], commit: str = "") -> str:
     run = runs.get(bench)
     if run is None:
         return f"**missing** (no bench/{bench}.py)" if bench not in discover() else "not run"
+    if commit and not run.of(commit):
+        return f"left out: its log measured commit {run.commit}"
     if run.status.startswith("ok"):
         return "not reported (bench ran, printed no such figure)"
     return f"**{run.status}** (see `{bench}.log`)"
 
 
 def write_report(runs: dict[str, Run], machine_rows: list[tuple[str, str]],
-                 total: float) -> Path:
-    figures = {fig.name: fig for run in runs.values() for fig in run.figures}
+                 total: float, commit: str) -> Path:
+    """REPORT.md from the runs of ``commit`` only; a log of another commit is listed as left
+    out, and none of its figures is shown."""
+    figures = {fig.name: fig for run in runs.values() if run.of(commit) for fig in run.figures}
     when = (f"in {total / 60:.1f} min" if total > 0
             else "from the logs of earlier runs (`--report-only`)")
+    others = sorted(b for b, run in runs.items() if not run.of(commit))
     lines = ["# Benchmark report", "",
+             f"**Commit measured: {commit}**"
+             + (" (**not a clean tree**: figures of code no commit holds)" if dirty(commit)
+                else "") + ".", "",
              f"Written by `python -m bench.report` {when} on the machine below. "
              "Every figure is read from the benchmark's own output (`RESULT` lines, see "
              "bench/README.md); a benchmark that is missing, failed or timed out is shown as "
-             "such, never estimated.", "",
+             "such, never estimated. Only logs of this commit count"
+             + (f"; left out, logs of another commit: {', '.join(others)}" if others else "")
+             + ".", "",
              "## Headline figures", "",
              "| figure | value | target | what was compared | bench |",
              "|---|---|---|---|---|"]
@@ -368,38 +303,44 @@ def write_report(runs: dict[str, Run], machine_rows: list[tuple[str, str]],
                 cls = n[len(name) - 1:]
                 lines.append(f"| {label}: {cls} | {_fmt(fig)} | {target} | {fig.note} | {bench} |")
             if not matches:
-                lines.append(f"| {label} | — | {target} | {_status_of(bench, runs)} | {bench} |")
+                lines.append(f"| {label} | — | {target} | {_status_of(bench, runs, commit)} "
+                             f"| {bench} |")
             continue
         fig = figures.get(name)
         if fig is None:
-            lines.append(f"| {label} | — | {target} | {_status_of(bench, runs)} | {bench} |")
+            lines.append(f"| {label} | — | {target} | {_status_of(bench, runs, commit)} "
+                         f"| {bench} |")
         else:
             lines.append(f"| {label} | {_fmt(fig)} | {target} | {fig.note} | {bench} |")
     lines += ["", "## Items/min over time under a 1 % hang rate", ""]
     if (RESULTS / "hang_rate.png").exists() and "timeline" in runs \
-            and runs["timeline"].status.startswith("ok"):
+            and runs["timeline"].status.startswith("ok") and runs["timeline"].of(commit):
         lines += ["![items/min over time, plain Scrapy vs the pack, 1 % of item URLs hang]"
                   "(hang_rate.png)", "",
                   "Fault site with log-normal latency (median 100 ms), 1 % of item URLs never "
-                  "answer; CONCURRENT_REQUESTS = 16; each crawl 60 s in its own process. "
+                  "answer; CONCURRENT_REQUESTS = 16; each crawl 60 s in its own process: "
+                  "plain Scrapy with DOWNLOAD_TIMEOUT 3 s and 10 s, and the full add-on. "
                   "Data: `timeline.csv`."]
     else:
-        lines.append(f"Not drawn this run: {_status_of('timeline', runs)}.")
+        lines.append(f"Not drawn this run: {_status_of('timeline', runs, commit)}.")
     lines += ["", "## All figures", "", "| name | value | unit | note |", "|---|---|---|---|"]
     for name in sorted(figures):
         fig = figures[name]
         lines.append(f"| `{name}` | {fig.value:g} | {fig.unit} | {fig.note} |")
-    lines += ["", "## Benchmarks run", "", "| bench | status | duration | log |",
-              "|---|---|---|---|"]
+    lines += ["", "## Benchmarks run", "",
+              "| bench | status | duration | commit | load average at start — end | log |",
+              "|---|---|---|---|---|---|"]
     for bench in KNOWN + [b for b in runs if b not in KNOWN]:
         run = runs.get(bench)
         if run is None:
             state = "missing (no module)" if bench not in discover() else "not run (--only/--skip)"
-            lines.append(f"| {bench} | {state} | — | — |")
+            lines.append(f"| {bench} | {state} | — | — | — | — |")
         else:
             log = f"[{run.log.name}]({run.log.name})" if run.log else "—"
             took = "—" if math.isnan(run.seconds) else f"{run.seconds:.0f} s"
-            lines.append(f"| {bench} | {run.status} | {took} | {log} |")
+            state = run.status if run.of(commit) else \
+                f"**left out** (log of commit {run.commit}, not {commit})"
+            lines.append(f"| {bench} | {state} | {took} | {run.commit} | {run.load} | {log} |")
     lines += ["", "## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in machine_rows]
     lines += ["", "The machine is shared: other processes were running; the load average "
@@ -420,7 +361,13 @@ def main() -> None:
                         help="run nothing: rewrite REPORT.md from the logs in bench/results")
     parser.add_argument("--reuse-logs", action="store_true",
                         help="for benches not run now, read their figures from the log of "
-                             "their last run in bench/results (marked as such in the report)")
+                             "their last run in bench/results, if it measured this same "
+                             "commit (a log of another commit is listed as left out)")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="measure a tree with uncommitted changes (flagged in the report; "
+                             "its figures match no commit)")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="do not rewrite the README/docs figure blocks (bench.figures)")
     args = parser.parse_args()
     only = {b for b in args.only.split(",") if b}
     skip = {b for b in args.skip.split(",") if b}
@@ -430,37 +377,37 @@ def main() -> None:
     unknown = only - set(discover())
     if unknown:
         parser.error(f"no such benchmark: {', '.join(sorted(unknown))} (have {discover()})")
+    commit = git_commit()  # the commit measured: later commits must not relabel it
+    if benches and dirty(commit) and not args.allow_dirty:
+        parser.error(f"the tree has uncommitted changes ({commit}): commit them first, so "
+                     "every figure names the code it measured (or pass --allow-dirty)")
     began = time.monotonic()
-    load_start = _load()
-    commit = _git_commit()  # the commit measured: later commits must not relabel it
-    runs = {bench: run_bench(bench, args.bound) for bench in benches}
+    load_start = load()
+    runs = {bench: run_bench(bench, args.bound, commit) for bench in benches}
     if args.reuse_logs:
         for bench in discover():
             log = RESULTS / f"{bench}.log"
             if bench not in runs and log.exists():
                 when = dt.datetime.fromtimestamp(log.stat().st_mtime, dt.timezone.utc)
-                runs[bench] = Run(bench, f"ok (log of an earlier run, {when:%Y-%m-%d %H:%M} UTC)",
-                                  float("nan"), parse(bench, log.read_text(errors="replace")),
-                                  log)
+                runs[bench] = read_log(bench, log, f"ok (log of an earlier run, "
+                                                   f"{when:%Y-%m-%d %H:%M} UTC)", float("nan"))
+    if not benches and runs:  # --report-only: the commit of the newest log
+        commit = max((r for r in runs.values() if r.log),
+                     key=lambda r: r.log.stat().st_mtime).commit
+    for run in runs.values():
+        if not run.of(commit):
+            print(f"left out: bench.{run.bench}'s log measured commit {run.commit}, "
+                  f"not {commit}", flush=True)
     total = time.monotonic() - began if benches else 0.0
-    loads = (load_start, _load()) if benches else ("n/a", "n/a (nothing run)")
-    rows = machine(*loads)
-    out = write_report(runs, rows, total)
-    print(f"wrote {out}")
-    if benches:
+    loads = (load_start, load()) if benches else ("n/a", "n/a (nothing run)")
+    rows = machine(*loads, commit)
+    print(f"wrote {write_report(runs, rows, total, commit)}")
+    if runs:
         print(f"wrote {write_results(runs, rows, commit)}")
-    elif runs:  # --report-only: the commit of the newest log
-        newest = max((r for r in runs.values() if r.log), key=lambda r: r.log.stat().st_mtime)
-        print(f"wrote {write_results(runs, rows, log_commit(newest.log))}")
+        if not args.no_figures:
+            from . import figures
 
-
-def log_commit(log: Path) -> str:
-    """The commit a bench log was written from (its first line), or "unknown"."""
-    try:
-        first = log.read_text(errors="replace").split("\n", 1)[0]
-    except OSError:
-        return "unknown"
-    return first[len("# commit "):].strip() if first.startswith("# commit ") else "unknown"
+            print("README/docs figure blocks rewritten:", ", ".join(figures.write()) or "none")
 
 
 def write_results(runs: dict[str, Run], machine_rows: list[tuple[str, str]],
@@ -468,20 +415,20 @@ def write_results(runs: dict[str, Run], machine_rows: list[tuple[str, str]],
     """``results.json``: the figures of one commit only (the one measured now, or with
     ``--report-only`` the newest log's); a log of another commit is left out and listed as
     such, so no figure mixes commits."""
-    commit = commit or _git_commit()
+    commit = commit or git_commit()
     figures: dict[str, dict] = {}
     benches: dict[str, dict] = {}
     for bench, run in runs.items():
-        logged = log_commit(run.log) if run.log else "unknown"
-        if logged != commit:
-            benches[bench] = {"status": f"left out: log of commit {logged}"}
+        if not run.of(commit):
+            benches[bench] = {"status": f"left out: log of commit {run.commit}"}
             continue
-        benches[bench] = {"status": run.status, "seconds": round(run.seconds, 1)}
+        seconds = None if math.isnan(run.seconds) else round(run.seconds, 1)
+        benches[bench] = {"status": run.status, "seconds": seconds, "load": run.load}
         for fig in run.figures:
             figures[fig.name] = {"value": fig.value, "unit": fig.unit, "note": fig.note,
                                  "bench": bench}
-    data = {"commit": commit, "machine": dict(machine_rows), "benches": benches,
-            "figures": figures}
+    data = {"commit": commit, "dirty": dirty(commit), "machine": dict(machine_rows),
+            "benches": benches, "figures": figures}
     RESULTS_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return RESULTS_FILE
 

@@ -82,7 +82,11 @@ async def kill_leftover(crawler: Any) -> tuple[int, int] | None:
     """After a crawl that hung: count what its browser holds, then SIGKILL it so nothing
     outlives the run (its pending downloads must not relaunch one). Returns the counts."""
     counts = None
+    handlers = []
     for handler in crawler.engine.downloader.handlers._handlers.values():
+        inner = getattr(getattr(handler, "wrapped", None), "handlers", None)  # the guard's
+        handlers += list(inner.values()) if isinstance(inner, dict) else [handler]
+    for handler in handlers:
         config = getattr(handler, "config", None)
         if config is not None:
             config.restart_disconnected_browser = False
