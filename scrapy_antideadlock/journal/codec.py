@@ -15,7 +15,7 @@ from scrapy import Request
 
 from .. import metakeys
 
-__all__ = ["decode_payload", "encode_payload", "to_dict"]
+__all__ = ["decode_payload", "encode_payload", "pickle_unjsonable", "to_dict"]
 
 # Meta that means nothing in another process: absolute monotonic deadlines, live objects,
 # owner ids (made of the pid, which a restarted container reuses).
@@ -58,10 +58,6 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
     meta = data["meta"] = dict(data.get("meta") or {})  # to_dict shares the live meta
     for name in _DROP_META:
         meta.pop(name, None)
-    for name in ("meta", "cb_kwargs"):
-        mapping = data.get(name)
-        if mapping:
-            data[name] = {k: _jsonable(v) for k, v in mapping.items()}
     headers = data.get("headers")
     if headers:
         data["headers"] = {
@@ -71,7 +67,18 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
     body = data.get("body")
     if isinstance(body, bytes):
         data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
-    json.dumps(data)  # raises TypeError now rather than when writing
+    return data
+
+
+def pickle_unjsonable(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the meta and cb_kwargs values JSON cannot hold pickled; raises if it
+    still cannot be written. Only for the rare request the journal failed to write as is
+    (JSON-encoding each value up front would double the cost of every request)."""
+    for name in ("meta", "cb_kwargs"):
+        mapping = data.get(name)
+        if mapping:
+            data[name] = {k: _jsonable(v) for k, v in mapping.items()}
+    json.dumps(data)
     return data
 
 

@@ -37,14 +37,14 @@ from scrapy.utils.request import request_from_dict
 from .. import metakeys
 from .. import settings as ad_settings
 from .. import stats as ad_stats
-from ..context import context_for
+from ..context import connect_shared, context_for
 from ..identity import strip_credentials
 from ..origin import JOURNAL_KEY, origins_for
 from ..primitives.deadletter import DeadLetterStore
 from ..primitives.journal import Journal, JournalLocked
 from ..reactor import require_asyncio_reactor
 from ..timers import every, later
-from .codec import decode_payload, encode_payload, to_dict
+from .codec import decode_payload, encode_payload, pickle_unjsonable, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,10 @@ class RequestJournal:
         self._checked_origin = False
         self._method_names: dict[Any, str] = {}  # spider function -> method name
         self._flush_call: Any = None
+        # Counted here and added to the stats once a tick and at the close: a stats call
+        # per request costs more than the count itself.
+        self._scheduled_count = 0
+        self._done_count = 0
         self.unreplayable: list[str] = []
         # Lock and read now, so a locked or unreadable journal stops the crawl at start
         # with a named error (JournalLocked) instead of crawling without a journal.
@@ -133,9 +137,10 @@ class RequestJournal:
         origins_for(crawler).on_request_finished(self._finished)
         crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
-        crawler.signals.connect(self.request_scheduled, signal=signals.request_scheduled)
+        connect_shared(crawler, self.request_scheduled, signals.request_scheduled)
         crawler.signals.connect(self.request_dropped, signal=signals.request_dropped)
-        crawler.signals.connect(self.request_reached, signal=signals.request_reached_downloader)
+        if self.jobdir:  # which pending requests JOBDIR's queue holds at a clean close
+            connect_shared(crawler, self.request_reached, signals.request_reached_downloader)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> RequestJournal:
@@ -226,7 +231,7 @@ class RequestJournal:
 
     # ------------------------------------------------------------------ signals (plain functions)
 
-    def request_scheduled(self, request: Request, spider: Any = None) -> None:
+    def request_scheduled(self, request: Request, **kwargs: Any) -> None:
         if not self.journal.is_open:
             return
         meta = request.meta
@@ -242,14 +247,20 @@ class RequestJournal:
         self._reached.discard(key)
         payload, error = self._serialise(request)
         url = strip_credentials(request.url) if payload is None else ""  # else in payload
-        self.journal.scheduled(key, fp, payload, url=url, error=error)
-        self.stats.inc_value(ad_stats.JOURNAL_SCHEDULED)
+        try:
+            self.journal.scheduled(key, fp, payload, url=url, error=error)
+        except (TypeError, ValueError):  # a value JSON cannot hold: nothing was written
+            payload, error = self._serialise(request, pickled=True)
+            url = strip_credentials(request.url) if payload is None else ""
+            self.journal.scheduled(key, fp, payload, url=url, error=error)
+        self._scheduled_count += 1
         self._flush_soon()
 
-    def _serialise(self, request: Request) -> tuple[dict[str, Any] | None, str]:
+    def _serialise(self, request: Request, pickled: bool = False
+                   ) -> tuple[dict[str, Any] | None, str]:
         try:
-            data = to_dict(request, self.crawler.spider, self._method_names)
-            return encode_payload(data), ""
+            data = encode_payload(to_dict(request, self.crawler.spider, self._method_names))
+            return (pickle_unjsonable(data) if pickled else data), ""
         except Exception as exc:
             self.stats.inc_value(ad_stats.JOURNAL_UNSERIALISABLE)
             if not self._warned_unserialisable:
@@ -262,7 +273,7 @@ class RequestJournal:
     def request_dropped(self, request: Request, spider: Any = None) -> None:
         self._finish(request, dropped=True)
 
-    def request_reached(self, request: Request, spider: Any = None) -> None:
+    def request_reached(self, request: Request, **kwargs: Any) -> None:
         key = request.meta.get(JOURNAL_KEY)
         if key is not None and self._is_owner(key, request):
             self._reached.add(key)
@@ -283,8 +294,16 @@ class RequestJournal:
             self.stats.inc_value(ad_stats.JOURNAL_KEPT_PENDING)
             return
         if self.journal.done(key):
-            self.stats.inc_value(ad_stats.JOURNAL_DONE)
+            self._done_count += 1
             self._flush_soon()
+
+    def _publish_counts(self) -> None:
+        if self._scheduled_count:
+            self.stats.inc_value(ad_stats.JOURNAL_SCHEDULED, self._scheduled_count)
+            self._scheduled_count = 0
+        if self._done_count:
+            self.stats.inc_value(ad_stats.JOURNAL_DONE, self._done_count)
+            self._done_count = 0
 
     def _flush_soon(self) -> None:
         """One ``write`` per event-loop turn for everything journaled in it."""
@@ -305,12 +324,13 @@ class RequestJournal:
         """Mark ``request`` finished for good (e.g. quarantined) whatever its owner state."""
         key = request.meta.get(JOURNAL_KEY)
         if key is not None and self.journal.is_open and self.journal.done(key):
-            self.stats.inc_value(ad_stats.JOURNAL_DONE)
+            self._done_count += 1
             self._flush_soon()
 
     # ------------------------------------------------------------------ durability
 
     def _tick(self) -> None:
+        self._publish_counts()
         self.journal.tick()
         if not self._checked_origin:
             self._checked_origin = True
@@ -350,6 +370,7 @@ class RequestJournal:
     def spider_closed(self, spider: Any, reason: str = "") -> None:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        self._publish_counts()
         if not self.journal.is_open:
             return
         pending = self.journal.pending_keys()

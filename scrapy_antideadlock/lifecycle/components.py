@@ -37,10 +37,10 @@ from twisted.python.failure import Failure
 
 from .. import settings as ad_settings
 from ..compat import lifecycle as compat
-from ..context import context_for
+from ..context import connect_shared, context_for
 from ..exceptions import Preempted
 from ..reactor import require_asyncio_reactor
-from .describe import describe_unit, qualname
+from .describe import describe_unit
 from .tracker import LifecycleTracker, Unit
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,9 @@ class LifecycleDownloader(Downloader):
         self._download_async = getattr(self.middleware, "download_async", None)
         if self._download_async is not None:  # Scrapy 2.14+: the chain runs in one task
             self.middleware.download_async = self._tracked_download_async  # type: ignore
-        sig = crawler.signals
-        sig.connect(self._reached, signal=signals.request_reached_downloader)
-        sig.connect(self._downloaded, signal=signals.response_downloaded)
-        sig.connect(self._left, signal=signals.request_left_downloader)
+        connect_shared(crawler, self._reached, signals.request_reached_downloader)
+        connect_shared(crawler, self._downloaded, signals.response_downloaded)
+        connect_shared(crawler, self._left, signals.request_left_downloader)
 
     def fetch(self, request: Request, spider: Any = None) -> Any:  # type: ignore[override]
         unit = Unit(request, "middleware:process_request", "downloader middlewares",
@@ -140,19 +139,19 @@ class LifecycleDownloader(Downloader):
         return slot is not None and unit.request in slot.transferring
 
     # signals: where the request is between middleware and handler
-    def _reached(self, request: Request, spider: Any = None) -> None:
+    def _reached(self, request: Request, **kwargs: Any) -> None:
         unit = self.tracker.get("fetch", request)
         if unit is not None:
             unit.stage, unit.component = "queue", f"downloader slot {self.get_slot_key(request)}"
             unit.started = time.monotonic()
 
-    def _downloaded(self, response: Response, request: Request, spider: Any = None) -> None:
+    def _downloaded(self, response: Response, request: Request, **kwargs: Any) -> None:
         unit = self.tracker.get("fetch", request)
         if unit is not None:
             unit.stage, unit.component = "middleware:process_response", "downloader middlewares"
             unit.started = time.monotonic()
 
-    def _left(self, request: Request, spider: Any = None) -> None:
+    def _left(self, request: Request, **kwargs: Any) -> None:
         unit = self.tracker.get("fetch", request)
         if unit is not None and unit.stage in ("queue", "download"):
             unit.stage, unit.component = "middleware:process_exception", "downloader middlewares"
@@ -165,6 +164,7 @@ class LifecycleSpiderMiddleware:
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
         self.tracker = tracker_for(crawler)
+        self._is_coroutine: dict[Any, bool] = {}  # callback function -> async def?
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> LifecycleSpiderMiddleware:
@@ -178,14 +178,25 @@ class LifecycleSpiderMiddleware:
         if request is None:
             return
         callback = request.callback or getattr(self.crawler.spider, "parse", None)
-        unit = Unit(request, "callback", qualname(callback) if callback else "callback",
-                    time.monotonic(), cancel_fn=self._cancel, response=response,
-                    callback=callback)
+        # component "": named from the callback only when a reader asks (tracker._name)
+        unit = Unit(request, "callback", "", time.monotonic(), cancel_fn=self._cancel,
+                    response=response, callback=callback)
         self.tracker.enter("callback", request, unit)
-        if inspect.iscoroutinefunction(callback):
+        if self._coroutine(callback):
             # Scrapy runs a coroutine callback in a task of its own; a frame of ours in it
             # turns a preemption into an ordinary exception (process_spider_exception)
             request.callback = _guarded(callback, unit, request)
+
+    def _coroutine(self, callback: Any) -> bool:
+        """``inspect.iscoroutinefunction``, remembered per function (asked per response)."""
+        func = getattr(callback, "__func__", callback)
+        try:
+            found = self._is_coroutine.get(func)
+            if found is None:
+                found = self._is_coroutine[func] = inspect.iscoroutinefunction(callback)
+            return found
+        except TypeError:  # an unhashable callable
+            return inspect.iscoroutinefunction(callback)
 
     def process_spider_output(self, response: Response, result: Iterable[Any]
                               ) -> Iterable[Any]:

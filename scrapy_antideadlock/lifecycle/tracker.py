@@ -36,13 +36,13 @@ STAGES = ("middleware:process_request", "queue", "download", "middleware:process
 Resolver = Callable[[Request, str], "Request | None"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Unit:
     """One request (or one of its items) at one stage of its life."""
 
     request: Request | None
     stage: str
-    component: str
+    component: str  # "" for a callback until read: named from ``callback`` then
     started: float  # time.monotonic() when it entered this stage
     item: Any = None
     task: Any = None  # the asyncio task that runs it, when known (read-only for others)
@@ -82,31 +82,32 @@ class LifecycleTracker:
         #: recovery; without one they are logged in full.
         self.dead_letters: Any = None
         self.spider_name: str | None = None
+        self._tables = {"fetch": self._fetches, "callback": self._callbacks,
+                        "item": self._items}
 
     # ------------------------------------------------------------------ fed by components
 
     def enter(self, kind: str, key: Any, unit: Unit) -> Unit:
-        self._table(kind)[key] = unit
+        self._tables[kind][key] = unit
         return unit
 
     def leave(self, kind: str, key: Any, unit: Unit | None = None) -> Unit | None:
-        table = self._table(kind)
+        table = self._tables[kind]
         found = table.get(key)
         if found is not None and (unit is None or found is unit):
             return table.pop(key)
         return None
 
     def get(self, kind: str, key: Any) -> Unit | None:
-        return self._table(kind).get(key)
-
-    def _table(self, kind: str) -> dict[Any, Unit]:
-        return {"fetch": self._fetches, "callback": self._callbacks, "item": self._items}[kind]
+        return self._tables[kind].get(key)
 
     # ------------------------------------------------------------------ for peers
 
     def units(self) -> list[Unit]:
         """Every unit alive now, oldest first, with stage and component refined."""
         found = [*self._fetches.values(), *self._callbacks.values(), *self._items.values()]
+        for unit in found:
+            _name(unit)
         if self.describe is not None:
             for unit in found:
                 try:
@@ -131,6 +132,7 @@ class LifecycleTracker:
         for unit in self.find(request_or_unit):
             if unit.preempted is not None or unit.cancel_fn is None:
                 continue
+            _name(unit)
             unit.preempted = reason
             try:
                 ok = unit.cancel_fn(unit)
@@ -180,3 +182,11 @@ class LifecycleTracker:
         if self.resolver is None:
             return None
         return self.resolver(request, reason)
+
+
+def _name(unit: Unit) -> None:
+    """Name a callback unit's component when someone reads it (not per response)."""
+    if not unit.component:
+        from .describe import qualname
+
+        unit.component = qualname(unit.callback) if unit.callback is not None else "callback"

@@ -329,8 +329,11 @@ class Journal:
                 self._lock_fd = None
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once
+
+
 def _encode(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    return (_ENCODER.encode(record) + "\n").encode()
 
 
 def _write_all(fd: int, data: bytes) -> None:

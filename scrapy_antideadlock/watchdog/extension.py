@@ -22,7 +22,7 @@ from scrapy.exceptions import NotConfigured
 from .. import settings as ad_settings
 from .. import signals as ad_signals
 from .. import stats as ad_stats
-from ..context import context_for
+from ..context import connect_shared, context_for, disconnect_shared
 from ..loopmonitor import LoopMonitor
 from ..primitives.deadline import LatencyTracker
 from ..primitives.progress import ProgressMeter
@@ -85,6 +85,10 @@ class Watchdog:
         self._stopped = False
         self._older_tasks: weakref.WeakSet = weakref.WeakSet()
         self.flow = RequestFlow()  # who keeps scheduling requests (livelock evidence)
+        self._new_requests = 0  # added to the stats when the tick reads them
+        # Request durations of our own, until the downloader part's tracker (which p99_of
+        # asks first) has samples: from then on ours would never be read.
+        self._own_latency = True
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> Watchdog:
@@ -99,13 +103,13 @@ class Watchdog:
         sig.connect(watchdog.spider_opened, signal=scrapy_signals.spider_opened)
         sig.connect(watchdog.spider_closed, signal=scrapy_signals.spider_closed)
         sig.connect(watchdog.engine_stopped, signal=scrapy_signals.engine_stopped)
-        sig.connect(watchdog._response_received, signal=scrapy_signals.response_received)
-        sig.connect(watchdog.probe.reached_downloader,
-                    signal=scrapy_signals.request_reached_downloader)
-        sig.connect(watchdog.probe.left_downloader,
-                    signal=scrapy_signals.request_left_downloader)
+        connect_shared(crawler, watchdog._response_received, scrapy_signals.response_received)
+        connect_shared(crawler, watchdog.probe.reached_downloader,
+                       scrapy_signals.request_reached_downloader)
+        connect_shared(crawler, watchdog.probe.left_downloader,
+                       scrapy_signals.request_left_downloader)
         sig.connect(watchdog._download_cancelled, signal=ad_signals.download_cancelled)
-        sig.connect(watchdog._request_scheduled, signal=scrapy_signals.request_scheduled)
+        connect_shared(crawler, watchdog._request_scheduled, scrapy_signals.request_scheduled)
         context_for(crawler).put("watchdog", watchdog)
         context_for(crawler).put("loopmonitor", watchdog.monitor)  # health and recovery share it
         return watchdog
@@ -183,8 +187,13 @@ class Watchdog:
 
     def _request_scheduled(self, request: Any, **kwargs: Any) -> None:
         if not request.dont_filter:  # it passed the duplicate filter: a new fingerprint
-            self.stats.inc_value(ad_stats.WATCHDOG_NEW_REQUESTS)
+            self._new_requests += 1
         self.flow.scheduled(request)
+
+    def _publish_new_requests(self) -> None:
+        if self._new_requests:
+            self.stats.inc_value(ad_stats.WATCHDOG_NEW_REQUESTS, self._new_requests)
+            self._new_requests = 0
 
     def _download_cancelled(self, request: Any = None, reason: str = "", **kwargs: Any) -> None:
         self.interventions += 1
@@ -202,8 +211,19 @@ class Watchdog:
         return stall_window(self.cfg, p99, samples, self.probe.slot_delay(),
                             self.probe.longest_deadline())
 
+    def _drop_own_latency(self) -> None:
+        """On the loop: stop timing responses once the downloader part's tracker has
+        samples (p99_of asks it first, so ours would never be read again)."""
+        guard = latency_tracker(self.crawler)
+        summary = getattr(guard, "summary", None)
+        if summary is not None and summary(0.99)[1]:
+            self._own_latency = False
+            disconnect_shared(self.crawler, self._response_received,
+                              scrapy_signals.response_received)
+
     # ------------------------------------------------------------------ the tick
     def _counter_values(self) -> dict[str, float]:
+        self._publish_new_requests()
         return counter_values(dict(self.stats.get_stats()), self.cfg, self.registry.pools())
 
     def _tick(self) -> None:
@@ -220,6 +240,8 @@ class Watchdog:
         self._last_tick = now
         self.meter.sample(self._counter_values(), now)
         self.probe.track(now)
+        if self._own_latency:
+            self._drop_own_latency()
         monitor = self.monitor
         if monitor.episodes != self._seen_blocks:
             # The loop was blocked (already reported): that time is not a flatline.
