@@ -349,9 +349,11 @@ def main() -> None:
                   f"wall without {off:.2f}s, with watchdog {on:.2f}s, ratio {on / off:.3f}; "
                   f"CPU {c_off:.2f}s vs {c_on:.2f}s, ratio {c_on / c_off:.3f}")
             results.append(f"RESULT detect.overhead_wall_ratio {on / off:.3f} ratio "
-                           "# fault-free crawl wall time, watchdog on / off")
+                           f"# fault-free crawl wall time, watchdog on / off, median of "
+                           f"{args.overhead_rounds} alternating rounds")
             results.append(f"RESULT detect.overhead_cpu_ratio {c_on / c_off:.3f} ratio "
-                           "# fault-free crawl process CPU, watchdog on / off")
+                           f"# fault-free crawl process CPU, watchdog on / off, median of "
+                           f"{args.overhead_rounds} alternating rounds")
         if own:
             share = statistics.median(own) * 100
             print(f"watchdog's own CPU (evaluation ticks + monitor thread, measured with "

@@ -196,7 +196,8 @@ def main() -> None:
                   if p[side]["open_pages_at_end"] is not None]
         if leaked:
             print(f"RESULT playwright.leaked_pages_{label} {med(leaked):g} count "
-                  f"# {who}, pages open at the end (browser count); {what}")
+                  f"# {who}, pages open at the end (browser count; a crawl cut by the "
+                  f"window counts its pages in flight too); {what}")
         done = sum(bool(p[side]["finished"]) for p in rounds) / len(rounds)
         print(f"RESULT playwright.completed_{label} {done:g} count "
               f"# {who}: share of rounds finished within the window (1 = all, 0 = all hung)")

@@ -256,8 +256,8 @@ def storm(workdir: Path, limit: float, reps: int) -> dict[str, float]:
                 print(f"  {side:18s} {result['wall']:6.1f}s ({len(result['runs'])} run(s): "
                       f"{ends}); reachable stored {len(got & reachable)}, lost {missing}; "
                       f"items/min until 95 % {rates[side][-1]:.0f}", flush=True)
-                if side == "pack" and rep == 0:
-                    stats = result["runs"][-1]["stats"]
+                stats = result["runs"][-1]["stats"]
+                if side == "pack" and rep == 0 and stats:  # none when killed at the limit
                     print("  pack actions: " + ", ".join(
                         f"{k.split('/', 1)[1]}={v}" for k, v in stats.items()
                         if k.startswith(("antideadlock/watchdog/", "antideadlock/deadline/"))
