@@ -22,7 +22,7 @@ items, responses, pages/min over the pages it completed (first request to last
 response), and the pages (contexts) still open in the browser at the end — counted by
 the browser over CDP, not by either handler. Figures are medians over ``--rounds``.
 
-    python -m bench.playwright [--scenario raise|contexts|both] [--window 120] [--rounds 2]
+    python -m bench.playwright [--scenario raise|contexts|both] [--window 150] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["raise", "contexts", "both"], default="raise")
-    parser.add_argument("--window", type=float, default=120.0,
+    parser.add_argument("--window", type=float, default=150.0,
                         help="bound on each crawl, seconds")
     parser.add_argument("--rounds", type=int, default=None,
                         help="paired rounds (2; 1 under bench.report: the stock side always "
