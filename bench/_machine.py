@@ -7,6 +7,7 @@ stays short; a leading underscore keeps it out of the benchmarks ``bench.report`
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -122,3 +123,25 @@ def dirty(commit: str) -> bool:
     """Whether ``commit`` (as :func:`git_commit` wrote it) is a tree with uncommitted changes."""
     return commit.endswith(DIRTY)
 
+
+
+#: What a results commit changes without changing the code measured: the results and
+#: the Markdown blocks generated from them.
+NOT_CODE = [":(exclude)bench/results", ":(exclude)*.md"]
+
+
+@functools.cache
+def same_code(a: str, b: str) -> bool:
+    """Whether commits ``a`` and ``b`` hold the same code: equal, or differing only in
+    bench results and Markdown (so committing a report does not orphan its logs). A tree
+    with uncommitted changes is only ever itself."""
+    if a == b:
+        return True
+    if dirty(a) or dirty(b) or "unknown" in (a, b):
+        return False
+    try:
+        out = subprocess.run(["git", "diff", "--quiet", a, b, "--", ".", *NOT_CODE], cwd=ROOT,
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0

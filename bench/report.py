@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._machine import dirty, git_commit, load, machine, now
+from ._machine import dirty, git_commit, load, machine, now, same_code
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -137,8 +137,8 @@ class Run:
     load: str = "n/a"  # load average (1/5/15 min) at its start and end
 
     def of(self, commit: str) -> bool:
-        """Whether this run measured ``commit`` (a log of another commit never counts)."""
-        return self.commit == commit
+        """Whether this run measured ``commit``'s code (a log of other code never counts)."""
+        return same_code(self.commit, commit)
 
 
 def discover() -> list[str]:
