@@ -23,6 +23,7 @@ from typing import Any
 
 from scrapy import Request, signals
 from scrapy.crawler import Crawler
+from scrapy.exceptions import NotConfigured
 from scrapy.http import Response
 
 from . import metakeys
@@ -33,7 +34,7 @@ from .identity import request_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ItemOriginMiddleware", "OriginTracker", "origins_for", "JOURNAL_KEY"]
+__all__ = ["ItemOriginMiddleware", "OriginTracker", "origins_for", "take_over", "JOURNAL_KEY"]
 
 JOURNAL_KEY = metakeys.JOURNAL_KEY
 _CHILD_RESET = (OWNER_META_KEY, JOURNAL_KEY)
@@ -116,6 +117,10 @@ class ItemOriginMiddleware:
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> ItemOriginMiddleware:
+        if context_for(crawler).get("origin_middleware") is not None:
+            # LifecycleSpiderMiddleware, right before it, runs its work in its own output
+            # wrapper (one async generator per response less); no args: no log line
+            raise NotConfigured
         return cls(crawler)
 
     def _item_left(self, item: Any, **kwargs: Any) -> None:
@@ -156,3 +161,11 @@ class ItemOriginMiddleware:
         parent, owner, handle = response.request, [], self._handle
         async for element in result:
             yield handle(parent, owner, element)
+
+
+def take_over(crawler: Crawler) -> ItemOriginMiddleware:
+    """The origin middleware's work for another spider middleware to run in its output
+    wrapper (call before the configured ItemOriginMiddleware is built: it steps aside)."""
+    middleware = ItemOriginMiddleware(crawler)
+    context_for(crawler).put("origin_middleware", middleware)
+    return middleware

@@ -18,6 +18,25 @@ def _payload(n: int) -> dict:
     return {"url": f"http://x/{n}", "callback": "parse"}
 
 
+def test_done_records_of_any_key_read_back(tmp_path):
+    """The "done" line is written without a dict walk: keys and fingerprints JSON must
+    escape (quotes, backslashes, newlines, non-ASCII) still read back as done."""
+    keys = ['plain.1', 'q"uote', 'back\\slash', 'new\nline', 'é✓\u2028', '']
+    journal = Journal(tmp_path)
+    journal.open()
+    for n, key in enumerate(keys):
+        journal.scheduled(key, f'fp"{n}\n', _payload(n))
+        journal.scheduled(f"keep{n}", f"keepfp{n}", _payload(n))
+    for key in keys:
+        assert journal.done(key)
+    journal.close()
+    again = Journal(tmp_path)
+    state = again.open()
+    again.close()
+    assert sorted(state.pending) == sorted(f"keep{n}" for n in range(len(keys)))
+    assert state.torn == 0 and state.seen == {f'fp"{n}\n' for n in range(len(keys))}
+
+
 def test_replay_is_scheduled_minus_done(tmp_path):
     journal = Journal(tmp_path)
     assert journal.open().pending == {}

@@ -51,8 +51,15 @@ class OwnerPipeline:
         return item
 
 
+LIFECYCLE = "scrapy_antideadlock.lifecycle.LifecycleSpiderMiddleware"
+
+
+@pytest.mark.parametrize("middlewares", [ORIGIN, {**ORIGIN, LIFECYCLE: 5}],
+                         ids=["origin_alone", "inside_lifecycle"])
 @pytest_twisted.ensureDeferred
-async def test_items_know_their_request_and_children_get_their_own_ids(tmp_path):
+async def test_items_know_their_request_and_children_get_their_own_ids(tmp_path, middlewares):
+    """Alone, or run inside the lifecycle middleware right before it (the add-on's order:
+    one output wrapper per response instead of two), the origin work is the same."""
     MetaCopySpider.seen, MetaCopySpider.owners = [], []
     done: list[str] = []
     with FaultSite(pages=3, items_per_page=5, latency=Latency.fixed(0.01)) as site:
@@ -66,7 +73,7 @@ async def test_items_know_their_request_and_children_get_their_own_ids(tmp_path)
                 return super().from_crawler(crawler, *args, **kwargs)
 
         result = await run_crawl(Spider, {
-            "SPIDER_MIDDLEWARES": ORIGIN,
+            "SPIDER_MIDDLEWARES": middlewares,
             "ITEM_PIPELINES": {OwnerPipeline: 100},
             "EXTENSIONS": {RequestJournal: 0},
             "ANTIDEADLOCK_JOURNAL_ENABLED": True,
@@ -82,6 +89,8 @@ async def test_items_know_their_request_and_children_get_their_own_ids(tmp_path)
     assert len(done) == 3 + 15
     assert result.stats["antideadlock/journal/done"] == 18
     assert origins_for(crawler_holder["c"]).hooked
+    enabled = [type(mw).__name__ for mw in crawler_holder["c"].engine.scraper.spidermw.middlewares]
+    assert ("ItemOriginMiddleware" in enabled) == (middlewares is ORIGIN)
 
 
 class LambdaSpider(SiteSpider):

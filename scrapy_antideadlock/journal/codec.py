@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import operator
 import pickle
 from typing import Any
 
@@ -24,8 +25,9 @@ _SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
 _PICKLED = "$pickle"
 
 
-def to_dict(request: Request, spider: Any, names: dict[Any, str]) -> dict[str, Any]:
-    """``request.to_dict(spider=spider)``, with the callback-name lookup cached.
+def to_dict(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, Any]:
+    """``request.to_dict(spider=spider)``, with the callback-name lookup cached (and,
+    per request class, one getter for the other attributes) in ``names``.
 
     Scrapy finds a callback's name with ``inspect.getmembers(spider)`` on every call
     (most of the journal's cost per request); a spider's methods do not change, so the
@@ -47,9 +49,17 @@ def to_dict(request: Request, spider: Any, names: dict[Any, str]) -> dict[str, A
         found.append(name)
     data = {"url": request.url, "callback": found[0], "errback": found[1],
             "headers": dict(request.headers)}
-    for attr in request.attributes:
-        data.setdefault(attr, getattr(request, attr))
-    if type(request) is not Request:
+    cls = type(request)
+    rest = names.get(cls)  # the other attributes and one getter for them, per class
+    if rest is None:
+        attrs = tuple(a for a in request.attributes if a not in data)
+        rest = names[cls] = (attrs, operator.attrgetter(*attrs) if attrs else None)
+    attrs, getter = rest
+    if len(attrs) == 1:
+        data[attrs[0]] = getter(request)
+    elif attrs:
+        data.update(zip(attrs, getter(request), strict=True))
+    if cls is not Request:
         data["_class"] = request.__module__ + "." + request.__class__.__name__
     return data
 

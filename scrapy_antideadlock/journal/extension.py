@@ -110,7 +110,7 @@ class RequestJournal:
         self._ticker: Any = None
         self._compactions = 0
         self._checked_origin = False
-        self._method_names: dict[Any, str] = {}  # spider function -> method name
+        self._method_names: dict[Any, Any] = {}  # spider function -> method name (codec.to_dict)
         self._flush_call: Any = None
         # Counted here and added to the stats once a tick and at the close: a stats call
         # per request costs more than the count itself.

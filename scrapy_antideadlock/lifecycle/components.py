@@ -79,7 +79,11 @@ class LifecycleDownloader(Downloader):
         if self._download_async is not None:  # Scrapy 2.14+: the chain runs in one task
             self.middleware.download_async = self._tracked_download_async  # type: ignore
         connect_shared(crawler, self._reached, signals.request_reached_downloader)
-        connect_shared(crawler, self._downloaded, signals.response_downloaded)
+        if self._download_async is None:
+            # Before 2.14 nothing else tells process_response from process_exception. From
+            # 2.14 the unit's task is known and describe_unit names the chain it awaits in
+            # (so one receiver per request less); until then _left says process_response.
+            connect_shared(crawler, self._downloaded, signals.response_downloaded)
         connect_shared(crawler, self._left, signals.request_left_downloader)
 
     def fetch(self, request: Request, spider: Any = None) -> Any:  # type: ignore[override]
@@ -154,7 +158,9 @@ class LifecycleDownloader(Downloader):
     def _left(self, request: Request, **kwargs: Any) -> None:
         unit = self.tracker.get("fetch", request)
         if unit is not None and unit.stage in ("queue", "download"):
-            unit.stage, unit.component = "middleware:process_exception", "downloader middlewares"
+            stage = "middleware:process_exception" if self._download_async is None \
+                else "middleware:process_response"  # refined by describe_unit when read
+            unit.stage, unit.component = stage, "downloader middlewares"
             unit.started = time.monotonic()
 
 
@@ -165,6 +171,9 @@ class LifecycleSpiderMiddleware:
         self.crawler = crawler
         self.tracker = tracker_for(crawler)
         self._is_coroutine: dict[Any, bool] = {}  # callback function -> async def?
+        # ItemOriginMiddleware's per-element work, when it sits right after this one in
+        # the spider middlewares (the add-on's order): one output wrapper instead of two.
+        self._origin = _take_over_origin(crawler)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> LifecycleSpiderMiddleware:
@@ -201,9 +210,10 @@ class LifecycleSpiderMiddleware:
     def process_spider_output(self, response: Response, result: Iterable[Any]
                               ) -> Iterable[Any]:
         unit = self.tracker.get("callback", response.request)
+        handle, owner = self._origin_handle(response)
         try:
             for element in result:
-                yield self._tag(response, element)
+                yield self._tag(response, handle(response.request, owner, element))
         finally:
             self.tracker.leave("callback", response.request, unit)
 
@@ -211,6 +221,7 @@ class LifecycleSpiderMiddleware:
                                           ) -> AsyncIterator[Any]:
         request = response.request
         unit = self.tracker.get("callback", request)
+        handle, owner = self._origin_handle(response)
         iterator = result.__aiter__()
         try:
             while True:
@@ -231,7 +242,7 @@ class LifecycleSpiderMiddleware:
                 finally:
                     if unit is not None:
                         unit.awaiting = False
-                yield self._tag(response, element)
+                yield self._tag(response, handle(request, owner, element))
         finally:
             self.tracker.leave("callback", request, unit)
 
@@ -245,6 +256,12 @@ class LifecycleSpiderMiddleware:
         copy = self.tracker.resolve(request, unit.preempted)
         return [copy] if copy is not None else []
 
+    def _origin_handle(self, response: Response) -> tuple[Any, list[str]]:
+        """The origin middleware's element handler (or a pass-through) and its state."""
+        if self._origin is None:
+            return _pass_through, []
+        return self._origin._handle, []
+
     def _tag(self, response: Response, element: Any) -> Any:
         if element is not None and not isinstance(element, Request):
             self.tracker.item_origin[id(element)] = response.request
@@ -256,6 +273,30 @@ class LifecycleSpiderMiddleware:
         if unit.awaiting and unit.task is not None and not unit.task.done():
             return bool(unit.task.cancel(f"antideadlock: {unit.preempted}"))
         return False
+
+
+def _pass_through(parent: Any, owner: Any, element: Any) -> Any:
+    return element
+
+
+def _take_over_origin(crawler: Crawler) -> Any:
+    """An ItemOriginMiddleware run inside LifecycleSpiderMiddleware when the configured one
+    comes right after it (nothing could see the elements between the two), else None;
+    the configured one then steps aside (see ``ItemOriginMiddleware.from_crawler``)."""
+    from scrapy.utils.conf import build_component_list
+    from scrapy.utils.misc import load_object
+
+    from ..origin import ItemOriginMiddleware, take_over
+
+    try:
+        order = [load_object(path) if isinstance(path, str) else path for path in
+                 build_component_list(crawler.settings.getwithbase("SPIDER_MIDDLEWARES"))]
+        mine = order.index(LifecycleSpiderMiddleware)
+    except (ValueError, ImportError, NameError, AttributeError):
+        return None
+    if order[mine + 1:mine + 2] != [ItemOriginMiddleware]:
+        return None
+    return take_over(crawler)
 
 
 def _guarded(callback: Any, unit: Unit, request: Request) -> Any:

@@ -156,7 +156,8 @@ class Journal:
         if key not in self._pending:
             return False
         fp = fp or self._pending_fp.get(key, "")
-        self._append(_encode({"t": "d", "k": key, "fp": fp}))
+        # the bytes _encode writes for {"t": "d", "k": key, "fp": fp}, without its dict walk
+        self._append(f'{{"t":"d","k":{_string(key)},"fp":{_string(fp)}}}\n'.encode())
         self._live -= len(self._pending.pop(key))
         self._pending_fp.pop(key, None)
         if fp and self.keep_seen:
@@ -330,6 +331,7 @@ class Journal:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once
+_string = json.encoder.encode_basestring  # how _ENCODER writes a str (ensure_ascii=False)
 
 
 def _encode(record: dict[str, Any]) -> bytes:
