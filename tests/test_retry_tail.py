@@ -108,3 +108,33 @@ async def test_hedged_transfers_do_not_inflate_the_slots_p99(make_fault_site: An
     assert stats["antideadlock/deadline/hedge_wins"] >= 10
     # about 0.01 s plus loop lag on a busy machine (0.3-0.5 s); climbing, 4-5 s here
     assert stats["antideadlock/deadline/p99/127.0.0.1"] < 1.5
+
+
+
+class TimeoutsSpider(SiteSpider):
+    """Remembers the deadline each successful attempt ran under (download_timeout)."""
+
+    given: list[float] = []
+
+    def parse_item(self, response: Any, **kwargs: Any) -> Any:
+        self.given.append(response.meta["download_timeout"])
+        yield from super().parse_item(response, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_end_of_a_hang_storm_does_not_stretch_the_deadline(
+        make_fault_site: Any) -> None:
+    # 30 % of detail-page requests hang, no hedging: the crawl ends with only hung
+    # requests and their retries in flight, about one cut per success. That is no
+    # slowed-down site: the last attempts keep the slot's T (about 1-2.5 s here) instead
+    # of T x 3 + 1 and more (8 s and up, doubling per retry).
+    site = make_fault_site(pages=3, items_per_page=50, latency=Latency.fixed(0.01))
+    site.add_fault("/item/*", Fault.hang(), rate=0.3, per="request")
+    TimeoutsSpider.given = []
+    result = await run_crawl(TimeoutsSpider, {**FAST, "ANTIDEADLOCK_DEADLINE_HEDGE": False},
+                             timeout=120, start_url=site.start_url)
+    assert result.finished
+    assert sorted(result.keys()) == sorted(site.item_keys())
+    assert result.stats["antideadlock/deadline/exceeded"] >= 20
+    warm = TimeoutsSpider.given[20:]  # after MIN_SAMPLES: the adaptive T (+ 0.5 s margin)
+    assert max(warm) < 6.0, sorted(warm)[-10:]

@@ -9,8 +9,8 @@ Feedback loop: the histogram holds *successful* latencies only (the caller's dut
 and a success can never take longer than the deadline it ran under, so a run of
 timeouts cannot push p99 up. A deadline hit is a *censored* sample instead: it says
 the latency was at least T. The last ``recent`` outcomes of each key (successes and
-censored samples) are kept apart; when most of them were cut on a warm slot (one with a
-p99), the median latency is at least T, so the policy grows the deadline to
+censored samples) are kept apart; when most of them (three in four) were cut on a warm
+slot (one with a p99), the median latency is at least T, so the policy grows the deadline to
 T x multiplier + buffer, up to the
 ceiling (the user's own timeout, else ``maximum``), rather than cutting every request
 of a slowed-down site at a deadline it can no longer meet.
@@ -81,6 +81,13 @@ class LatencyHistogram:
             if seen >= rank and seen > 0:
                 return min(_upper_bound(index), maximum) if index else _MIN_LATENCY
         return maximum
+
+
+def _mostly_cut(cuts: int, outcomes: int) -> bool:
+    """At least two cuts and three in four outcomes: a slot that slowed down. Half is
+    not enough: a hang storm ends with only its hung requests and their retries left,
+    about one cut per success, and must not stretch T for those last requests."""
+    return cuts >= 2 and 4 * cuts >= 3 * outcomes
 
 
 #: Key of the shared prior: every sample of every key, for keys not warm yet.
@@ -172,8 +179,7 @@ class LatencyTracker:
     def mostly_censored(self, key: Hashable) -> bool:
         """Whether most recent outcomes of ``key`` (at least two) were deadline hits."""
         outcomes = self.recent_outcomes(key)
-        cut = sum(1 for censored, _ in outcomes if censored)
-        return cut >= 2 and 2 * cut >= len(outcomes)
+        return _mostly_cut(sum(1 for censored, _ in outcomes if censored), len(outcomes))
 
     def samples(self, key: Hashable) -> int:
         with self._lock:
@@ -253,7 +259,7 @@ class TimeoutPolicy:
         cuts = [s for censored, s in outcomes if censored]
         # Only a warm slot can have slowed down: on a cold one, two hung URLs would be
         # "most outcomes" and stretch everyone's deadline while they hold scarce slots.
-        if p99 is not None and len(cuts) >= 2 and 2 * len(cuts) >= len(outcomes):
+        if p99 is not None and _mostly_cut(len(cuts), len(outcomes)):
             seconds = max(seconds, max(cuts) * self.multiplier + self.buffer)
         return self.clamp(seconds, ceiling)
 
