@@ -13,15 +13,22 @@ Figures (medians over rounds): time to finish / fault-free time to finish, items
 95 % of the items / fault-free, and items lost (reachable items not stored).
 
     python -m bench.tail [--rounds 2] [--pages 20] [--window 120] [--full]
+    python -m bench.tail --sides addon --variant hedge:ANTIDEADLOCK_DEADLINE_HEDGE=true
+    python -m bench.tail --trace /tmp/trace.jsonl   # timelines of the hung URLs, one crawl
+
+``--variant NAME:KEY=VALUE[,KEY=VALUE]`` adds a side "addon NAME" (the add-on plus those
+settings) to the hang and storm runs, alternating with the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 
+from ._trace import TRACE_MW, timelines
 from .common import ADDON_PACK, SiteProcess, load_line, run_child
 
 BASE = {"CONCURRENT_REQUESTS": 16, "CONCURRENT_REQUESTS_PER_DOMAIN": 16}
@@ -47,6 +54,29 @@ def rate_until_95(report: dict, expected: int) -> float:
     return k / times[k - 1]
 
 
+def variant(spec: str) -> tuple[str, dict]:
+    """``NAME:KEY=VALUE,...`` -> ("addon NAME", add-on settings plus those)."""
+    name, _, pairs = spec.partition(":")
+    settings: dict = dict(ADDON_PACK)
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return f"addon {name}", settings
+
+
+def trace(site_args: list[str], hang: list[str], path: str, window: float) -> None:
+    """One add-on crawl of the 1 % hang site with per-request timelines (bench._trace)."""
+    with SiteProcess(*site_args, *hang, "0.01") as site:
+        report = run_child(site.start_url, {**BASE, **ADDON_PACK, "BENCH_TRACE": path,
+                                            "DOWNLOADER_MIDDLEWARES": TRACE_MW},
+                           window=window)
+    print(load_line(), f"finished={report['finished']} t={report['elapsed']:.1f}s")
+    print(timelines(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=2)
@@ -57,6 +87,10 @@ def main() -> None:
     parser.add_argument("--storm", type=float, default=0.10)
     parser.add_argument("--sides", default=",".join(SIDES),
                         help="comma-separated subset of: " + ", ".join(SIDES))
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:KEY=VALUE,... an add-on side with those settings")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="one traced add-on crawl of the 1 %% hang site, then exit")
     args = parser.parse_args()
     pages = 40 if args.full else args.pages
     if os.environ.get("BENCH_REPORT"):
@@ -65,8 +99,15 @@ def main() -> None:
     site_args = ["--pages", str(pages), "--items-per-page", "100", "--latency",
                  str(args.latency), "--sigma", "0.5"]
     hang = ["--per", "request", "--match", "/item/*", "--hang-rate"]
+    if args.trace:
+        trace(site_args, hang, args.trace, args.window)
+        return
     sides = {name: SIDES[name] for name in args.sides.split(",")}
-    runs = [("addon", "clean")] + [(name, "hang") for name in sides] + [("addon", "storm")]
+    variants = dict(variant(spec) for spec in args.variant)
+    sides.update(variants)
+    storms = ["addon", *variants]
+    runs = ([(name, "clean") for name in storms] + [(name, "hang") for name in sides]
+            + [(name, "storm") for name in storms])
     results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
     began = time.monotonic()
     print(load_line(), "(start)")
@@ -75,7 +116,7 @@ def main() -> None:
         sites = {"clean": clean, "hang": hung, "storm": storm}
         for rnd in range(args.rounds):
             for name, fault in runs if rnd % 2 == 0 else list(reversed(runs)):
-                report = run_child(sites[fault].start_url, {**BASE, **SIDES[name]},
+                report = run_child(sites[fault].start_url, {**BASE, **sides[name]},
                                    window=args.window)
                 results[(name, fault)].append(report)
                 print(f"round {rnd + 1} {name:18s} {fault:5s} "
@@ -88,14 +129,15 @@ def main() -> None:
     clean_rate = statistics.median(rate_until_95(r, expected)
                                    for r in results[("addon", "clean")])
     for (name, fault), reports in results.items():
-        if fault == "clean":
+        if fault == "clean" and name == "addon":
             continue
         t = statistics.median(finish_time(r, args.window) for r in reports)
         rate = statistics.median(rate_until_95(r, expected) for r in reports)
         lost = statistics.median(expected - r["items"] for r in reports)
         tag = name.replace("plain ", "plain_").replace("=", "").replace(" ", "_").replace(
             "-", "_").lower()
-        what = "1 % hangs" if fault == "hang" else f"{args.storm:.0%} hangs (storm)"
+        what = {"clean": "fault-free", "hang": "1 % hangs"}.get(
+            fault, f"{args.storm:.0%} hangs (storm)")
         print(f"RESULT tail.{fault}_{tag}_finish_ratio {t / clean_t:.3f} ratio # {name}, "
               f"{what}: time to finish / add-on fault-free ({clean_t:.1f}s); "
               f"limit {args.window:.0f}s for every side")
