@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from itemadapter import ItemAdapter
 from scrapy import Request
 
 logger = logging.getLogger(__name__)
@@ -156,6 +155,10 @@ class LifecycleTracker:
 
     def dead_letter(self, unit: Unit) -> None:
         """Keep a preempted item with its reason: never dropped silently."""
+        # imported here: itemadapter imports every item library it supports (pydantic,
+        # attrs, ...), a fixed cost no crawl without a preempted item should pay
+        from itemadapter import ItemAdapter
+
         try:
             data = ItemAdapter(unit.item).asdict()
         except TypeError:
