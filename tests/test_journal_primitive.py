@@ -37,6 +37,30 @@ def test_done_records_of_any_key_read_back(tmp_path):
     assert state.torn == 0 and state.seen == {f'fp"{n}\n' for n in range(len(keys))}
 
 
+def test_sync_written_from_another_thread(tmp_path):
+    """The periodic fsync runs off the event loop: it covers what was flushed, once."""
+    import threading
+
+    journal = Journal(tmp_path, autoflush=False)
+    journal.open()
+    results: list[bool] = []
+
+    def sync() -> None:
+        results.append(journal.sync_written())
+
+    for _ in range(2):
+        journal.scheduled("k1", "fp1", _payload(1))
+        journal.flush()
+        for _ in range(2):  # the second finds nothing new written
+            thread = threading.Thread(target=sync)
+            thread.start()
+            thread.join(5)
+    journal.close()
+    assert results == [True, False, True, False]
+    assert journal.counters["fsyncs"] >= 2
+    assert not journal.sync_written()  # closed: nothing to do, no error
+
+
 def test_replay_is_scheduled_minus_done(tmp_path):
     journal = Journal(tmp_path)
     assert journal.open().pending == {}

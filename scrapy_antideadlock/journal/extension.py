@@ -112,6 +112,7 @@ class RequestJournal:
         self._checked_origin = False
         self._method_names: dict[Any, Any] = {}  # spider function -> method name (codec.to_dict)
         self._flush_call: Any = None
+        self._fsync_job: Any = None  # the periodic fsync on the loop monitor's thread
         # Counted here and added to the stats once a tick and at the close: a stats call
         # per request costs more than the count itself.
         self._scheduled_count = 0
@@ -202,6 +203,11 @@ class RequestJournal:
                         "%d left to JOBDIR, %d not replayable", self.directory, len(pending),
                         replayed, len(left_to_jobdir), len(unreplayable))
         self._ticker = every(min(self.conf.fsync_interval, 1.0), self._tick)
+        monitor = context_for(self.crawler).get("loopmonitor")
+        if self.conf.fsync == "interval" and monitor is not None:
+            # The periodic fsync blocks for the disk (ms): on the monitor's thread, not the loop.
+            self._fsync_job = monitor.add_periodic(self.conf.fsync_interval,
+                                                   self.journal.sync_written)
 
     def _rebuild(self, record: dict[str, Any], spider: Any) -> Request | None:
         payload = record.get("r")
@@ -331,7 +337,8 @@ class RequestJournal:
 
     def _tick(self) -> None:
         self._publish_counts()
-        self.journal.tick()
+        if self._fsync_job is None:
+            self.journal.tick()
         if not self._checked_origin:
             self._checked_origin = True
             if not origins_for(self.crawler).hooked:
@@ -370,6 +377,8 @@ class RequestJournal:
     def spider_closed(self, spider: Any, reason: str = "") -> None:
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        if self._fsync_job is not None:
+            self._fsync_job.cancel()  # waits for a run in progress (close fsyncs below)
         self._publish_counts()
         if not self.journal.is_open:
             return

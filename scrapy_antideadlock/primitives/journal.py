@@ -198,6 +198,25 @@ class Journal:
             self.counters["fsyncs"] += 1
         self._last_sync = time.monotonic()
 
+    def sync_written(self) -> bool:
+        """fsync what earlier flushes wrote, from any thread (the buffer is the loop's).
+
+        Only power loss needs it (the kernel keeps written bytes through a SIGKILL), so a
+        caller may run it off the event loop: it blocks for the disk. A descriptor closed
+        meanwhile (compaction, close) only makes it a no-op: those fsync themselves.
+        """
+        fd = self._fd
+        if fd is None or not self._unsynced:
+            return False
+        self._unsynced = False  # a write after this is covered by the fsync below or the next
+        try:
+            os.fsync(fd)
+        except OSError:
+            return False
+        self.counters["fsyncs"] += 1
+        self._last_sync = time.monotonic()
+        return True
+
     def tick(self) -> None:
         """Call periodically: fsync under the "interval" policy."""
         if self.fsync_policy == "interval" and \
