@@ -88,3 +88,42 @@ def test_a_request_starved_of_a_proxy_gets_longer_each_lease_retry() -> None:
     base = policy.transfer_timeout("warm", 0)
     assert policy.transfer_timeout("warm", 0, lease_retries=2) == 4 * base
     assert policy.transfer_timeout("warm", 0, user_timeout=5.0, lease_retries=5) == 5.0
+
+
+def test_a_thousand_slot_histories_cost_under_a_megabyte() -> None:
+    """One request per host: the kept histories (key strings included) stay small."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracker = LatencyTracker(window=2000, max_keys=1000)
+        before = tracemalloc.get_traced_memory()[0]
+        for host in range(3000):
+            tracker.record(f"127.0.{host // 254}.{host % 254}", 0.01 + host * 1e-5)
+            if host % 3 == 0:
+                tracker.censor(f"127.0.{host // 254}.{host % 254}", 2.0)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(tracker) == 1000
+    assert used < 1000 * 800, f"{used / 1000:.0f} bytes per slot"
+
+
+def test_summary_kept_incrementally_equals_a_full_scan() -> None:
+    """The worst p99 and the sample count follow records, evictions and a worst slot
+    that gets faster, as a scan over every key would."""
+    import random
+
+    rng = random.Random(7)
+    tracker = LatencyTracker(window=5, max_keys=8)
+    for step in range(3000):
+        key = f"k{rng.randrange(20)}"
+        if rng.random() < 0.1:
+            tracker.censor(key, 1.0)
+        else:
+            tracker.record(key, rng.choice((0.01, 0.02, 0.5, 2.0)) * rng.random())
+        if step % 7 == 0:
+            best, samples = tracker.summary()
+            p99s = [tracker.quantile(k) for k in tracker.keys()]
+            assert samples == sum(tracker.samples(k) for k in tracker.keys())
+            assert best == max((p for p in p99s if p is not None), default=None)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -94,12 +94,40 @@ def _mostly_cut(cuts: int, outcomes: int) -> bool:
 PRIOR = "*"
 
 
+class _History:
+    """One key's latency state: two histogram generations, recent outcomes, last summary.
+
+    One small object per key (a broad crawl keeps up to ``max_keys`` of them): recent
+    outcomes are a short list of floats, a cut stored negated, not a deque of tuples.
+    """
+
+    __slots__ = ("current", "previous", "recent", "p99", "n")
+
+    def __init__(self) -> None:
+        self.current: LatencyHistogram | None = None
+        self.previous: LatencyHistogram | None = None
+        self.recent: list[float] = []  # seconds; a deadline hit is stored as -seconds
+        self.p99: float | None = None  # as of the last summary()
+        self.n = 0  # samples, as of the last summary()
+
+    def samples(self) -> int:
+        cur, prev = self.current, self.previous
+        return (cur.total if cur else 0) + (prev.total if prev else 0)
+
+    def quantile(self, q: float) -> float | None:
+        cur, prev = self.current, self.previous
+        if cur is None:
+            return prev.quantile(q) if prev else None
+        return cur.quantile(q, prev)
+
+
 class LatencyTracker:
     """Per-key latency quantiles from the current and the previous generation.
 
     At most ``max_keys`` keys are kept, least recently recorded first out, so a broad
-    crawl over many hosts has bounded memory; an evicted or new key is cold again, and
-    the caller may fall back on :data:`PRIOR`, which holds the samples of every key.
+    crawl over many hosts has bounded memory (a few hundred bytes per key); an evicted or
+    new key is cold again, and the caller may fall back on :data:`PRIOR`, which holds the
+    samples of every key.
     """
 
     def __init__(self, window: int = 2000, recent: int = 20, max_keys: int = 1000) -> None:
@@ -111,116 +139,130 @@ class LatencyTracker:
         self.recent = recent
         self.max_keys = max_keys
         self.evicted = 0
-        self._current: dict[Hashable, LatencyHistogram] = {}
-        self._previous: dict[Hashable, LatencyHistogram] = {}
-        # (censored, seconds): the last ``recent`` outcomes, cuts included
-        self._recent: dict[Hashable, deque[tuple[bool, float]]] = {}
-        self._order: OrderedDict[Hashable, None] = OrderedDict()  # least recent first
-        self._summary: dict[Hashable, tuple[float | None, int]] = {}  # key -> (p99, samples)
+        self._prior = _History()
+        # least recently used first; PRIOR is kept apart and never evicted
+        self._keys: OrderedDict[Hashable, _History] = OrderedDict()
         self._dirty: set[Hashable] = set()  # keys recorded since the last summary()
+        # summary() kept incrementally: the sum of every key's n, and the largest p99
+        self._total = 0
+        self._best: float | None = None
+        self._best_key: Hashable = None
+        self._rescan = False  # the key holding _best shrank or left: look at every key
         self._lock = threading.Lock()  # the watchdog thread reads quantiles
 
     def record(self, key: Hashable, seconds: float) -> None:
         """A success that took ``seconds``."""
         with self._lock:
-            self._add(key, seconds)
+            self._add(self._prior, seconds)
             if key != PRIOR:
-                self._add(PRIOR, seconds)
-                self._outcomes(key).append((False, seconds))
+                history = self._touch(key)
+                self._add(history, seconds)
+                self._outcome(history, max(0.0, seconds))
+                self._dirty.add(key)
 
     def censor(self, key: Hashable, seconds: float) -> None:
         """A deadline hit after ``seconds``: the latency was at least that long."""
         with self._lock:
-            self._touch(key)
-            self._outcomes(key).append((True, seconds))
+            history = self._prior if key == PRIOR else self._touch(key)
+            self._outcome(history, -max(seconds, 1e-9))
 
-    def _add(self, key: Hashable, seconds: float) -> None:
-        hist = self._current.get(key)
+    def _add(self, history: _History, seconds: float) -> None:
+        hist = history.current
         if hist is None:
-            hist = self._current[key] = LatencyHistogram()
+            hist = history.current = LatencyHistogram()
         hist.add(seconds)
         if hist.total >= self.window:
-            self._previous[key] = hist
-            self._current[key] = LatencyHistogram()
-        if key != PRIOR:
-            self._touch(key)
-            self._dirty.add(key)
+            history.previous = hist
+            history.current = LatencyHistogram()
 
-    def _touch(self, key: Hashable) -> None:
-        """Mark ``key`` most recently used; evict the least recent one past ``max_keys``."""
-        order = self._order
-        if key in order:
-            order.move_to_end(key)
-        else:
-            order[key] = None
-            if len(order) > self.max_keys:
-                self._evict(order.popitem(last=False)[0])
+    def _outcome(self, history: _History, signed: float) -> None:
+        recent = history.recent
+        recent.append(signed)
+        if len(recent) > self.recent:
+            del recent[0]
 
-    def _evict(self, key: Hashable) -> None:
+    def _get(self, key: Hashable) -> _History | None:
+        return self._prior if key == PRIOR else self._keys.get(key)
+
+    def _touch(self, key: Hashable) -> _History:
+        """``key``'s history, marked most recently used; the least recent one past
+        ``max_keys`` is evicted."""
+        keys = self._keys
+        history = keys.get(key)
+        if history is not None:
+            keys.move_to_end(key)
+            return history
+        history = keys[key] = _History()
+        if len(keys) > self.max_keys:
+            self._evict(*keys.popitem(last=False))
+        return history
+
+    def _evict(self, key: Hashable, history: _History) -> None:
         """Forget everything about ``key`` (called with the lock held)."""
-        self._current.pop(key, None)
-        self._previous.pop(key, None)
-        self._recent.pop(key, None)
-        self._summary.pop(key, None)
         self._dirty.discard(key)
+        self._total -= history.n
+        if key == self._best_key:
+            self._rescan = True
         self.evicted += 1
-
-    def _outcomes(self, key: Hashable) -> deque[tuple[bool, float]]:
-        outcomes = self._recent.get(key)
-        if outcomes is None:
-            outcomes = self._recent[key] = deque(maxlen=self.recent)
-        return outcomes
 
     def recent_outcomes(self, key: Hashable) -> list[tuple[bool, float]]:
         """The last ``recent`` outcomes of ``key``, oldest first: (censored, seconds)."""
         with self._lock:
-            return list(self._recent.get(key, ()))
+            history = self._get(key)
+            return [(s < 0, abs(s)) for s in history.recent] if history else []
 
     def mostly_censored(self, key: Hashable) -> bool:
         """Whether most recent outcomes of ``key`` (at least two) were deadline hits."""
-        outcomes = self.recent_outcomes(key)
-        return _mostly_cut(sum(1 for censored, _ in outcomes if censored), len(outcomes))
+        with self._lock:
+            history = self._get(key)
+            recent = history.recent if history else ()
+            return _mostly_cut(sum(1 for s in recent if s < 0), len(recent))
 
     def samples(self, key: Hashable) -> int:
         with self._lock:
-            cur, prev = self._current.get(key), self._previous.get(key)
-            return (cur.total if cur else 0) + (prev.total if prev else 0)
+            history = self._get(key)
+            return history.samples() if history else 0
 
     def quantile(self, key: Hashable, q: float = 0.99) -> float | None:
         with self._lock:
-            cur, prev = self._current.get(key), self._previous.get(key)
-            if cur is None and prev is None:
-                return None
-            if cur is None:
-                return prev.quantile(q) if prev else None
-            return cur.quantile(q, prev)
+            history = self._get(key)
+            return history.quantile(q) if history else None
 
     def summary(self, q: float = 0.99) -> tuple[float | None, int]:
         """(largest ``q``-quantile over the keys, their total samples), for a periodic
-        reader: only keys recorded since the last call are recomputed."""
+        reader: only keys recorded since the last call are recomputed, and every key only
+        when the one holding the largest shrank or was evicted."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
+            keys = self._keys
             for key in dirty:
-                cur, prev = self._current.get(key), self._previous.get(key)
-                if cur is None:
+                history = keys.get(key)
+                if history is None or history.current is None:
                     continue
-                self._summary[key] = (cur.quantile(q, prev),
-                                      cur.total + (prev.total if prev else 0))
-            best: float | None = None
-            samples = 0
-            for value, n in self._summary.values():
-                samples += n
-                if value is not None and (best is None or value > best):
-                    best = value
-            return best, samples
+                value, n = history.quantile(q), history.samples()
+                self._total += n - history.n
+                history.p99, history.n = value, n
+                if key == self._best_key and (value is None or self._best is None
+                                              or value < self._best):
+                    self._rescan = True
+                elif value is not None and (self._best is None or value > self._best):
+                    self._best, self._best_key = value, key
+            if self._rescan:
+                self._rescan = False
+                self._best, self._best_key = None, None
+                for key, history in keys.items():
+                    value = history.p99
+                    if value is not None and (self._best is None or value > self._best):
+                        self._best, self._best_key = value, key
+            return self._best, self._total
 
     def keys(self) -> list[Hashable]:
         """Every key currently remembered (:data:`PRIOR` not included)."""
         with self._lock:
-            return list(self._order)
+            return list(self._keys)
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._keys)
 
 
 @dataclass(frozen=True)
