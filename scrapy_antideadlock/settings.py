@@ -272,9 +272,10 @@ _define("deadline", "DEADLINE_RETRY_BACKOFF", 2.0, _min_one_float, "a number >= 
         "ceiling.")
 _define("deadline", "DEADLINE_LEND", True, as_bool, "a boolean",
         "Lend the concurrency slot of an overdue transfer to new work (bound: LEND_MAX_FACTOR).")
-_define("deadline", "DEADLINE_HEDGE", False, as_bool, "a boolean",
-        "Opt-in: send a second copy of a GET/HEAD transfer overdue past LEND_AFTER (no leased "
-        "proxy, no browser); the first answer wins. At most as many as may be lent.")
+_define("deadline", "DEADLINE_HEDGE", True, as_bool, "a boolean",
+        "Send a second copy of a GET/HEAD transfer overdue past LEND_AFTER (no leased proxy, "
+        "no browser, no download delay); the first answer wins. Counted in the LEND_MAX_FACTOR "
+        "bound with the lent slots.")
 _define("deadline", "DEADLINE_LEND_AFTER", 1.25, positive_float, "a positive number",
         "A transfer is overdue after transfer-p99 of its slot x this (at least LEND_MIN).")
 _define("deadline", "DEADLINE_LEND_MIN", 0.25, positive_float, "seconds > 0",

@@ -6,10 +6,12 @@ deadlines are scaled down (DEADLINE_MIN 0.5 s) so the hangs cost little.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest_twisted
 
+from scrapy_antideadlock.downloader import guard_for
 from scrapy_antideadlock.testing import Fault, Latency, SiteSpider, run_crawl
 
 FAST = {
@@ -39,29 +41,34 @@ async def test_a_hang_storm_loses_no_reachable_item(make_fault_site: Any) -> Non
 @pytest_twisted.ensureDeferred
 async def test_the_users_retry_times_bounds_deadline_retries(make_fault_site: Any) -> None:
     # One page hangs on every attempt on an otherwise healthy slot; the user allows one
-    # retry: exactly two attempts (each may also be hedged once), then the request is
-    # given up (and reported).
+    # retry: two attempts (each may also be hedged once), then the request is given up
+    # (and reported).
     site = make_fault_site(pages=1, items_per_page=30, latency=Latency.fixed(0.01))
     site.add_fault("/item/k00007", Fault.hang())
     result = await run_crawl(SiteSpider, {**FAST, "RETRY_TIMES": 1}, timeout=60,
                              start_url=site.start_url)
     assert result.finished
-    assert result.stats["retry/count"] == 1
-    assert site.hits["/item/k00007"] <= 4
+    stats = result.stats
+    assert stats["retry/count"] == 1
+    # plus a free retry when the slot's T has since outgrown the cut attempt's deadline by
+    # half (a busy machine's loop lag raises p99 early in the crawl)
+    attempts = stats["antideadlock/deadline/exceeded"]
+    assert attempts == 2 + stats.get("antideadlock/deadline/own_retries", 0) <= 3
+    assert site.hits["/item/k00007"] <= 2 * attempts
     assert set(result.keys()) == set(site.item_keys()) - {"k00007"}  # it never answers
-    assert result.stats["antideadlock/deadline/gave_up"] == 1
-    assert result.stats["retry/max_reached"] == 1
+    assert stats["antideadlock/deadline/gave_up"] == 1
+    assert stats["retry/max_reached"] == 1
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_transfer_hung_past_p99_is_hedged_and_the_copy_wins(make_fault_site: Any) -> None:
     # The first request for one page hangs for ever, its second answers: once the slot
     # is warm, the hung transfer gets a second copy at about p99 x LEND_AFTER, long
-    # before its (deliberately long) deadline, and the copy's answer is the item.
+    # before its (deliberately long) deadline, and the copy's answer is the item
+    # (DEADLINE_HEDGE is on by default).
     site = make_fault_site(pages=1, items_per_page=30, latency=Latency.fixed(0.01))
     site.add_fault("/item/k00025", Fault.hang(), times=1)
     result = await run_crawl(SiteSpider, {**FAST, "ANTIDEADLOCK_DEADLINE_MIN": 30.0,
-                                          "ANTIDEADLOCK_DEADLINE_HEDGE": True,
                                           "CONCURRENT_REQUESTS": 2}, timeout=60,
                              start_url=site.start_url)
     assert result.finished
@@ -72,6 +79,67 @@ async def test_a_transfer_hung_past_p99_is_hedged_and_the_copy_wins(make_fault_s
     assert stats.get("antideadlock/deadline/exceeded", 0) == 0  # never waited for T
     assert site.hits["/item/k00025"] == 2
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slot_with_a_download_delay_is_not_hedged(make_fault_site: Any) -> None:
+    # DOWNLOAD_DELAY paces the site's requests: a hedge would not wait its turn. The hung
+    # transfer is cut at its deadline and retried instead.
+    site = make_fault_site(pages=1, items_per_page=30, latency=Latency.fixed(0.01))
+    site.add_fault("/item/k00025", Fault.hang(), times=1)
+    result = await run_crawl(SiteSpider, {**FAST, "DOWNLOAD_DELAY": 0.02,
+                                          "CONCURRENT_REQUESTS": 2}, timeout=60,
+                             start_url=site.start_url)
+    assert result.finished
+    assert sorted(result.keys()) == sorted(site.item_keys())
+    stats = result.stats
+    assert stats.get("antideadlock/deadline/hedges", 0) == 0
+    assert stats["antideadlock/deadline/exceeded"] == 1
+    assert site.hits["/item/k00025"] == 2
+
+
+class CrawlerSpider(SiteSpider):
+    """Lets the test find the running crawler."""
+
+    last: CrawlerSpider | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        CrawlerSpider.last = self
+
+
+@pytest_twisted.ensureDeferred
+async def test_hedges_and_lent_slots_share_one_bound(make_fault_site: Any) -> None:
+    # 8 of 30 detail pages hang on every attempt, CONCURRENT_REQUESTS=2: every hung
+    # transfer is overdue and wants a lent slot and a hedge. Both together stay within
+    # 2 x (2 - 1) = 2, so at most 4 transfers (hedges included) are ever in flight.
+    site = make_fault_site(pages=1, items_per_page=30, latency=Latency.fixed(0.01))
+    site.add_fault("/item/k0001[0-7]", Fault.hang())
+    seen: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            spider = CrawlerSpider.last
+            crawler = getattr(spider, "crawler", None)
+            engine = getattr(crawler, "engine", None)
+            downloader = getattr(engine, "downloader", None)
+            if downloader is not None:
+                guard = guard_for(crawler)
+                seen.append(len(downloader.active) + guard.hedging)
+            await asyncio.sleep(0.01)
+
+    CrawlerSpider.last = None
+    sampler = asyncio.ensure_future(sample())
+    result = await run_crawl(CrawlerSpider, {**FAST, "CONCURRENT_REQUESTS": 2,
+                                             "RETRY_TIMES": 0}, timeout=60,
+                             start_url=site.start_url)
+    sampler.cancel()
+    assert result.finished
+    assert set(result.keys()) == set(site.item_keys()) - {f"k000{i}" for i in range(10, 18)}
+    stats = result.stats
+    assert stats["antideadlock/deadline/hedges"] >= 1
+    assert stats["antideadlock/deadline/lent"] >= 1
+    assert seen and max(seen) <= 4
 
 @pytest_twisted.ensureDeferred
 async def test_a_hang_among_a_cold_slots_first_requests_is_cut_once_the_slot_is_warm(

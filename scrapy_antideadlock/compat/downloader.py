@@ -66,6 +66,11 @@ def slot_wait_estimate(slot: Any, transfer: float) -> float:
     return ahead * slot.delay + ahead / max(1, slot.concurrency) * transfer
 
 
+def slot_delay(slot: Any) -> float:
+    """``slot``'s download delay (DOWNLOAD_DELAY, or AutoThrottle's current one); 0 if none."""
+    return slot.delay if slot is not None else 0.0
+
+
 def in_downloader(downloader: Any, request: Any) -> bool | None:
     """Whether ``request`` is still in the downloader (None: cannot tell)."""
     active = getattr(downloader, "active", None)

@@ -281,9 +281,10 @@ class DownloadGuard:
 
     # ------------------------------------------------------------------ lending
     def _lend(self, entry: InFlightDownload) -> None:
-        """An overdue transfer stops counting against CONCURRENT_REQUESTS (bounded)."""
+        """An overdue transfer stops counting against CONCURRENT_REQUESTS (bounded, with the
+        hedges running)."""
         downloader = compat.downloader_of(self.crawler)
-        if downloader is None or self.lent >= self.lend_cap:
+        if downloader is None or self.lent + self.hedging >= self.lend_cap:
             return
         slot = compat.slot_of(downloader, entry.request.meta.get("download_slot", entry.slot))
         compat.lend(self.crawler, slot, 1)
@@ -336,14 +337,23 @@ class DownloadGuard:
                   and now - entry.transfer_started > self.timeouts_for(entry.key)[1]):
                 if entry.lent is None and self.lend:
                     self._lend(entry)
-                if entry.hedge is None and self.hedge and self.hedging < self.lend_cap \
-                        and may_hedge(entry):
+                # lent slots and hedges share one budget: at most LEND_MAX_FACTOR x
+                # CONCURRENT_REQUESTS transfers in flight, hedges included
+                if entry.hedge is None and self.hedge and self.lent + self.hedging < \
+                        self.lend_cap and may_hedge(entry) and not self._paced(entry):
                     entry.hedge = "asked"
                     self.hedging += 1
                     self._wake(entry)
         pool = self.leasing.pool
         if pool is not None:
             pool.sweep(now)
+
+    def _paced(self, entry: InFlightDownload) -> bool:
+        """Whether the request's slot paces its requests (DOWNLOAD_DELAY, AutoThrottle): a
+        hedge would not wait its turn, so such a slot is not hedged."""
+        slot = compat.slot_of(self._downloader or compat.downloader_of(self.crawler),
+                              entry.request.meta.get("download_slot", entry.slot))
+        return compat.slot_delay(slot) > 0
 
     # ------------------------------------------------------------------ signals
     def spider_opened(self, spider: Any = None) -> None:

@@ -2,13 +2,13 @@
 
 Cancelling Scrapy's own download task hangs the engine, so the wrapped handler runs in a
 task of ours; a cancel (or the guard's deadline check) wakes us and we raise an ordinary
-exception instead. With DEADLINE_HEDGE (opt-in: in a 10 % hang storm on one site it
-cost more than it saved in our benchmark), a GET or HEAD transfer still running past its
-slot's overdue threshold (transfer p99 x DEADLINE_LEND_AFTER) gets a second copy ("hedge", as in Dean
-and Barroso's "The Tail at Scale"): the first copy to answer wins and the other is
-cancelled. A request hung at the site then costs about its slot's p99, not its whole
-deadline and a retry; at most ``hedge_cap`` hedges run at once, and never through a
-leased proxy or a browser.
+exception instead. With DEADLINE_HEDGE (on by default), a GET or HEAD transfer still
+running past its slot's overdue threshold (transfer p99 x DEADLINE_LEND_AFTER) gets a
+second copy ("hedge", as in Dean and Barroso's "The Tail at Scale"): the first copy to
+answer wins and the other is cancelled. A request hung at the site then costs about its
+slot's p99, not its whole deadline and a retry; hedges count in the lending bound, and
+never go through a leased proxy, a browser or a slot with a download delay.
+A winning hedge's latency is timed from its own start (see DownloadGuard.download).
 """
 
 from __future__ import annotations
