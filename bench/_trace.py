@@ -75,8 +75,19 @@ class Trace:
             self.out = None
 
 
+def _slow(events: list) -> bool:
+    """A transfer that took over a second (a hang a hedge answered, or a slow answer)."""
+    sent = None
+    for t, what, _ in events:
+        if what == "deadline":
+            sent = t
+        elif what == "response" and sent is not None and t - sent > 1.0:
+            return True
+    return False
+
+
 def timelines(path: str) -> str:
-    """The timelines of every URL with an exception, and the crawl's last events."""
+    """The timelines of every URL with an exception or a transfer over 1 s."""
     events = [json.loads(line) for line in open(path)]
     by_url: dict[str, list] = {}
     for t, url, what, detail in events:
@@ -87,7 +98,7 @@ def timelines(path: str) -> str:
            f"99 % at {items[int(0.99 * len(items)) - 1]:.1f}s, last at {items[-1]:.1f}s, "
            f"closed at {closed}s"]
     bad = [u for u, evs in by_url.items() if any(w == "exception" for _, w, _ in evs)
-           or not any(w in ("item", "response") for _, w, _ in evs)]
+           or not any(w in ("item", "response") for _, w, _ in evs) or _slow(evs)]
     bad.sort(key=lambda u: max(t for t, _, _ in by_url[u]))
     for url in bad:
         out.append(url.rsplit("/", 1)[-1] + ": " + " | ".join(
