@@ -256,6 +256,28 @@ def test_pool_extend_renews_in_redis(make_backend):
     run(main())
 
 
+def test_pool_extend_of_an_expired_grant_reclaims_the_lease(make_backend):
+    """A grant that expired in Redis (a worker's loop was late) may be held by another
+    worker already: renewing it must not keep a second live holder of the slot."""
+    async def main():
+        stats = Stats()
+        one = LeasePool("proxy", {"p1": 1}, backend=make_backend("a", stats))
+        two = LeasePool("proxy", {"p1": 1}, backend=make_backend("b"))
+        expired = []
+        lease = one.try_acquire("a", ttl=0.05, on_expire=expired.append)
+        deadline = time.monotonic() + 5
+        while (other := two.try_acquire("b", ttl=5)) is None:  # a's grant lapsed in Redis
+            assert time.monotonic() < deadline, "the grant never expired in Redis"
+            await asyncio.sleep(0.01)
+        one.extend(lease, 5)  # too late: b holds the slot now
+        assert expired == [lease] and lease.released and lease.release_reason == "expired"
+        assert one.in_use == 0 and one.counters.expired == 1
+        assert stats.values["antideadlock/fleet/renew_lost"] == 1
+        assert other.member == "p1" and not other.released
+
+    run(main())
+
+
 def test_pool_cooldown_reaches_the_other_workers(make_backend):
     async def main():
         one = LeasePool("proxy", {"p1": 1, "p2": 1}, backend=make_backend("a"),

@@ -321,24 +321,34 @@ class LeasePool:
         with self._lock:
             expired = [lease for lease in self._leases.values()
                        if lease.expires_at is not None and lease.expires_at <= now]
-        reclaimed = []
-        for lease in expired:
-            if self._release(lease, "expired"):
-                self.counters.expired += 1
-                reclaimed.append(lease)
-                if lease.on_expire is not None:
-                    lease.on_expire(lease)
-        return reclaimed
+        return [lease for lease in expired if self._reclaim(lease)]
+
+    def _reclaim(self, lease: Lease) -> bool:
+        """Release an expired ``lease`` and tell its owner; False if it was released already."""
+        if not self._release(lease, "expired"):
+            return False
+        self.counters.expired += 1
+        if lease.on_expire is not None:
+            lease.on_expire(lease)
+        return True
 
     def extend(self, lease: Lease, ttl: float | None) -> None:
-        """Move a live lease's expiry to ``ttl`` seconds from now (None: no expiry)."""
-        if not lease.released:
-            lease.expires_at = None if ttl is None else self.clock() + ttl
-            if lease.token is not None and self.backend is not None:
-                try:
-                    self.backend.renew(lease.member, lease.token, ttl)
-                except BackendUnavailable:
-                    pass
+        """Move a live lease's expiry to ``ttl`` seconds from now (None: no expiry).
+
+        A backend grant that already expired cannot be renewed (its unit may be held by
+        another process now): the lease is reclaimed at once, as by :meth:`sweep`.
+        """
+        if lease.released:
+            return
+        lease.expires_at = None if ttl is None else self.clock() + ttl
+        if lease.token is not None and self.backend is not None:
+            try:
+                renewed = self.backend.renew(lease.member, lease.token, ttl)
+            except BackendUnavailable:
+                return
+            if not renewed:  # the shared grant expired: another process may hold the unit
+                lease.expires_at = self.clock()
+                self._reclaim(lease)
 
     def start_sweeper(self, interval: float = 0.25) -> None:
         """Sweep every ``interval`` seconds on the running loop until :meth:`close`."""
