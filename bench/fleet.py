@@ -127,6 +127,13 @@ def run_mode(mode: str, url: str, site: FaultSite, proxies: list[FaultProxy], it
         "round_trips_per_request": _round_trips(mode, client, stats),
         "redelivered": sum(s.get("antideadlock/fleet/redelivered", 0) for s in stats),
         "degraded": sum(s.get("antideadlock/fleet/degraded", 0) for s in stats),
+        # why a proxy could see more than its capacity: grants made locally while Redis
+        # was unreachable; grants that lapsed in Redis before their holder let go (its
+        # loop was late past PROXY_LEASE_GRACE): releases or renewals found them expired
+        **{name: sum(s.get(f"antideadlock/{stat}", 0) for s in stats) for name, stat in (
+            ("local_grants", "fleet/local_grants"), ("late_releases", "fleet/late_releases"),
+            ("renew_lost", "fleet/renew_lost"), ("leases_expired", "proxy/leases_expired"),
+            ("lease_timeouts", "proxy/lease_timeouts"), ("cooldowns", "proxy/cooldowns"))},
         "killed_after_s": round(killed_at - started, 1),
         "workers_cut_at_limit": cut,
         "exit_codes": [p.returncode for p in procs],

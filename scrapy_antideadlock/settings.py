@@ -513,7 +513,8 @@ _define("fleet", "FLEET_REQUIRE_REDIS", False, as_bool, "a boolean",
 _define("fleet", "FLEET_RETRY_AFTER", 2.0, positive_float, "seconds > 0",
         "After a Redis error, use local leases (and buffer queue writes) this long, then retry.")
 _define("fleet", "FLEET_POLL_INTERVAL", 0.05, positive_float, "seconds > 0",
-        "How often a waiter for a fleet lease asks Redis again (other workers release).")
+        "How often a waiter for a fleet lease, or a busy worker whose last pop found the "
+        "shared queue empty, asks Redis again (other workers release and push).")
 _define("fleet", "FLEET_LEASE_MAX_TTL", 300.0, positive_float, "seconds > 0",
         "Redis TTL of a lease taken without an expiry (a dead worker's slot returns after it).")
 _define("fleet", "FLEET_WORKER_ID", None, optional_text, "a string or None",

@@ -434,3 +434,29 @@ def test_clear_spares_a_queue_other_workers_still_use(make_queue):
     b.worker.stop()
     a.clear()
     assert len(a) == 0
+
+
+def test_an_empty_queue_is_asked_once_per_poll_interval_while_work_is_in_flight(make_queue):
+    """Scrapy pops after every scheduled request (duplicates too): a busy worker must not
+    pay a Redis round trip per start request while the shared queue is empty."""
+    q, other = make_queue("w1"), make_queue("w2")
+    now = [100.0]
+    q.clock = lambda: now[0]
+    q.push(Request("http://a/1"))
+    held = q.pop()
+    assert held is not None and q.pop() is None  # empty: noted
+    calls = q.stats.get_value("antideadlock/fleet/redis_calls")
+    other.push(Request("http://a/2"))
+    assert q.pop() is None  # within the interval, with work in flight: Redis not asked
+    assert q.stats.get_value("antideadlock/fleet/redis_calls") == calls
+    now[0] += q.conf.poll_interval + 0.001
+    assert q.pop().url == "http://a/2"  # the interval passed: asked again
+    assert q.pop() is None
+    q.push(Request("http://a/3"))  # its own push: worth asking at once
+    assert q.pop().url == "http://a/3"
+    finish(q, held)
+    idle = make_queue("w3")
+    idle.clock = lambda: now[0]
+    assert idle.pop() is None
+    other.push(Request("http://a/4"))
+    assert idle.pop().url == "http://a/4"  # nothing in flight here: never skipped

@@ -80,6 +80,8 @@ class ReliableQueue(Base):
         self._outbox: deque[tuple[str, list[Any]]] = deque()  # writes Redis did not take
         self._last_len = 0
         self._acks_at_pop = None  # decided at the first pop: can completion be observed?
+        self._empty_at: float | None = None  # last pop found nothing (no push here since)
+        self.clock = time.monotonic
         self.counts = {"popped": 0, "acked": 0, "redelivered": 0, "quarantined": 0}
         if conf.heartbeat_interval * 2 > conf.visibility_timeout:
             raise ad_settings.SettingError(
@@ -120,6 +122,7 @@ class ReliableQueue(Base):
         return int(pending), int(processing)
 
     def push(self, request: Request) -> None:
+        self._empty_at = None
         args = [-request.priority, self._encode_request(request), self._intents.pop(request, "")]
         self._flush()
         result = None if self._outbox else self._write("PUSH", args)
@@ -163,6 +166,12 @@ class ReliableQueue(Base):
         self._flush()
         if self._outbox:
             return None  # Redis is (still) down
+        if self._empty_at is not None and self._leased \
+                and self.clock() - self._empty_at < self.conf.poll_interval:
+            # Scrapy pops after every scheduled request, duplicates included: while this
+            # worker has requests in flight (each one's end pops again), an empty queue is
+            # asked at most once per FLEET_POLL_INTERVAL, not once per start request.
+            return None
         try:
             got = self.link.call(self._scripts["POP"], keys=self.keys,
                                  args=[self.worker_id, self.visibility_ms,
@@ -171,7 +180,9 @@ class ReliableQueue(Base):
             return None
         self._reclaimed(int(got[0]), int(got[1]))
         if len(got) < 3:
+            self._empty_at = self.clock()
             return None
+        self._empty_at = None
         rid = _text(got[2])
         try:
             request = self._decode_request(got[3])
