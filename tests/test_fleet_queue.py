@@ -439,7 +439,8 @@ def test_clear_spares_a_queue_other_workers_still_use(make_queue):
 def test_an_empty_queue_is_asked_once_per_poll_interval_while_work_is_in_flight(make_queue):
     """Scrapy pops after every scheduled request (duplicates too): a busy worker must not
     pay a Redis round trip per start request while the shared queue is empty."""
-    q, other = make_queue("w1"), make_queue("w2")
+    slow = {"ANTIDEADLOCK_FLEET_HEARTBEAT_INTERVAL": 5, "ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT": 30}
+    q, other = make_queue("w1", **slow), make_queue("w2", **slow)  # no re-delivery here
     now = [100.0]
     q.clock = lambda: now[0]
     q.push(Request("http://a/1"))
@@ -455,7 +456,7 @@ def test_an_empty_queue_is_asked_once_per_poll_interval_while_work_is_in_flight(
     q.push(Request("http://a/3"))  # its own push: worth asking at once
     assert q.pop().url == "http://a/3"
     finish(q, held)
-    idle = make_queue("w3")
+    idle = make_queue("w3", **slow)
     idle.clock = lambda: now[0]
     assert idle.pop() is None
     other.push(Request("http://a/4"))
