@@ -57,8 +57,7 @@ async def transfer(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
     try:
         while True:
             entry.waker = loop.create_future()
-            winner = _winner(tasks)
-            if winner is not None or entry.cancel_exc is not None:
+            if entry.cancel_exc is not None:  # no copy can have finished: none ran yet
                 break
             await entry.waker  # a copy finished, a cancel/deadline, or a hedge was asked
             winner = _winner(tasks)
@@ -96,6 +95,8 @@ async def transfer(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
 
 def _winner(tasks: list[asyncio.Task[Any]]) -> asyncio.Task[Any] | None:
     """The first copy that answered; or, once every copy failed, the first failure."""
+    if len(tasks) == 1:  # no hedge: the only copy, once done, is the answer either way
+        return tasks[0] if tasks[0].done() else None
     done = [task for task in tasks if task.done()]
     for task in done:
         if not task.cancelled() and task.exception() is None:

@@ -55,8 +55,10 @@ class LatencyHistogram:
         self.total = 0
         self.maximum = 0.0
 
-    def add(self, seconds: float) -> None:
-        index = _bucket(max(0.0, seconds))
+    def add(self, seconds: float, index: int | None = None) -> None:
+        """Count ``seconds`` (``index``: its bucket, if the caller computed it already)."""
+        if index is None:
+            index = _bucket(max(0.0, seconds))
         counts = self.counts
         counts[index] = counts.get(index, 0) + 1
         self.total += 1
@@ -152,11 +154,12 @@ class LatencyTracker:
 
     def record(self, key: Hashable, seconds: float) -> None:
         """A success that took ``seconds``."""
+        index = _bucket(max(0.0, seconds))  # once for both histograms
         with self._lock:
-            self._add(self._prior, seconds)
+            self._add(self._prior, seconds, index)
             if key != PRIOR:
                 history = self._touch(key)
-                self._add(history, seconds)
+                self._add(history, seconds, index)
                 self._outcome(history, max(0.0, seconds))
                 self._dirty.add(key)
 
@@ -166,11 +169,11 @@ class LatencyTracker:
             history = self._prior if key == PRIOR else self._touch(key)
             self._outcome(history, -max(seconds, 1e-9))
 
-    def _add(self, history: _History, seconds: float) -> None:
+    def _add(self, history: _History, seconds: float, index: int) -> None:
         hist = history.current
         if hist is None:
             hist = history.current = LatencyHistogram()
-        hist.add(seconds)
+        hist.add(seconds, index)
         if hist.total >= self.window:
             history.previous = hist
             history.current = LatencyHistogram()
