@@ -70,7 +70,10 @@ def worker_settings(mode: str, url: str, prefix: str, worker: str,
         "ANTIDEADLOCK_PROXY_LIST": {p.url: SLOTS for p in proxies},
         "ANTIDEADLOCK_DEADLINE_MIN": 1.0,
         "ANTIDEADLOCK_DEADLINE_INITIAL": 3.0,
-        "ANTIDEADLOCK_PROXY_LEASE_GRACE": 1.0,
+        # PROXY_LEASE_GRACE stays at its default (5 s): the workers' loops stall for 2-3 s
+        # on this shared machine (watchdog/loop_lag_max), and a 1 s grace let grants lapse
+        # in Redis under transfers still running (fleet/late_releases, an extra transfer
+        # at a proxy), against docs/fleet.md's advice
         "ANTIDEADLOCK_WATCHDOG_HEALTH_INTERVAL": 0,
         "CONCURRENT_REQUESTS": 16,
         "CONCURRENT_REQUESTS_PER_DOMAIN": 16,
