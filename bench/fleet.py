@@ -137,6 +137,8 @@ def run_mode(mode: str, url: str, site: FaultSite, proxies: list[FaultProxy], it
             ("local_grants", "fleet/local_grants"), ("late_releases", "fleet/late_releases"),
             ("renew_lost", "fleet/renew_lost"), ("leases_expired", "proxy/leases_expired"),
             ("lease_timeouts", "proxy/lease_timeouts"), ("cooldowns", "proxy/cooldowns"))},
+        "loop_lag_max_s": max((s.get("antideadlock/watchdog/loop_lag_max", 0) for s in stats),
+                              default=0),
         "killed_after_s": round(killed_at - started, 1),
         "workers_cut_at_limit": cut,
         "exit_codes": [p.returncode for p in procs],
