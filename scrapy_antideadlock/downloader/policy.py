@@ -63,8 +63,9 @@ class DeadlinePolicy:
             p99 = latency.quantile(key, 0.99) or 0.0
             lend_after = max(self.lend_min, p99 * self.lend_after)
         elif latency.samples(PRIOR) >= policy.min_samples:
-            # a cold slot: what the crawl saw so far
-            timeout = policy.timeout(latency, PRIOR, ceiling=unbounded)
+            # a cold slot: what the crawl saw so far, cached like any key (on a broad
+            # crawl nearly every request is a new slot: one prior T per 0.5 s, not each)
+            timeout = self._entry(PRIOR)[1]
         else:
             timeout = policy.timeout(latency, key, ceiling=unbounded)
         if len(self._cache) >= self._cache_max:
