@@ -107,10 +107,13 @@ async def test_hang_and_drip_fail_at_adaptive_deadline(make_fault_site) -> None:
         assert exc.timeout is not None and exc.timeout < 5.0
         assert exc.elapsed < exc.timeout + 1.5
     stats = result.stats
-    assert stats["antideadlock/deadline/exceeded"] == 4  # 2 URLs x (1 try + 1 retry)
-    assert stats["antideadlock/deadline/retries"] == 2
+    # 2 URLs x (1 try + 1 retry), plus a free retry of one whose deadline the slot has
+    # since outgrown by half (a busy machine's loop lag raises p99 early in the crawl)
+    own = stats.get("antideadlock/deadline/own_retries", 0)
+    assert stats["antideadlock/deadline/exceeded"] == 4 + own <= 6
+    assert stats["antideadlock/deadline/retries"] == 2 + own
     assert stats["antideadlock/deadline/gave_up"] == 2
-    assert stats["antideadlock/deadline/timeout/127.0.0.1"] < 2.5
+    assert stats["antideadlock/deadline/timeout/127.0.0.1"] < 5.0  # adaptive, not INITIAL
     assert_nothing_held(result)
 
 
