@@ -12,29 +12,14 @@ from scrapy.utils.defer import deferred_f_from_coro_f
 
 from scrapy_antideadlock.loopmonitor import LoopMonitor
 
-_EARLIER: set[threading.Thread] = set()
-
-
-@pytest.fixture(autouse=True)
-def _earlier_monitor_threads() -> None:
-    """Monitor threads alive before this test (another test's in this xdist worker, say):
-    only threads of this test's own monitors are its leaks."""
-    _EARLIER.clear()
-    _EARLIER.update(t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor")
-
-
-def monitor_threads() -> list[threading.Thread]:
-    """Monitor threads started by this test and still alive."""
-    return [t for t in threading.enumerate()
-            if t.name == "antideadlock-loopmonitor" and t not in _EARLIER]
-
 
 def blocking_function_under_test(seconds: float) -> None:
     time.sleep(seconds)
 
 
 @deferred_f_from_coro_f
-async def test_blocked_loop_seen_while_blocked_with_the_blocking_stack() -> None:
+async def test_blocked_loop_seen_while_blocked_with_the_blocking_stack(
+        new_monitor_threads: Any) -> None:
     monitor = LoopMonitor(asyncio.get_running_loop(), interval=0.05, threshold=0.5)
     events: list[tuple[str, dict[str, Any], bool, float]] = []
     blocking = threading.Event()
@@ -69,7 +54,7 @@ async def test_blocked_loop_seen_while_blocked_with_the_blocking_stack() -> None
     assert events[1][1]["blocked_for"] >= 1.2
     assert monitor.lag_stats()["max"] >= 1.2
     assert monitor.episodes == 1
-    assert not monitor_threads()
+    assert not new_monitor_threads()
 
 
 @deferred_f_from_coro_f
@@ -135,7 +120,8 @@ def test_bad_arguments_and_stop_is_idempotent() -> None:
 
 
 @deferred_f_from_coro_f
-async def test_jobs_run_on_the_monitor_thread_while_the_loop_is_blocked(caplog) -> None:
+async def test_jobs_run_on_the_monitor_thread_while_the_loop_is_blocked(
+        caplog: Any, new_monitor_threads: Any) -> None:
     monitor = LoopMonitor(asyncio.get_running_loop(), interval=0.05, threshold=5.0)
     ticks: list[float] = []
     fired: list[float] = []
@@ -160,4 +146,4 @@ async def test_jobs_run_on_the_monitor_thread_while_the_loop_is_blocked(caplog) 
     finally:
         monitor.stop()
     assert "job failed" in caplog.text
-    assert not monitor_threads()
+    assert not new_monitor_threads()

@@ -80,7 +80,6 @@ async def test_a_transfer_hung_past_p99_is_hedged_and_the_copy_wins(make_fault_s
     assert site.hits["/item/k00025"] == 2
 
 
-
 @pytest_twisted.ensureDeferred
 async def test_a_slot_with_a_download_delay_is_not_hedged(make_fault_site: Any) -> None:
     # DOWNLOAD_DELAY paces the site's requests: a hedge would not wait its turn. The hung

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import threading
 import time
 from typing import Any
 
@@ -35,23 +34,6 @@ def wd_settings(tmp_path: Any, **extra: Any) -> dict[str, Any]:
     return settings
 
 
-_EARLIER: set[threading.Thread] = set()
-
-
-@pytest.fixture(autouse=True)
-def _earlier_monitor_threads() -> None:
-    """Monitor threads alive before this test (another test's in this xdist worker, say):
-    only threads of this test's own monitors are its leaks."""
-    _EARLIER.clear()
-    _EARLIER.update(t for t in threading.enumerate() if t.name == "antideadlock-loopmonitor")
-
-
-def monitor_threads() -> list[threading.Thread]:
-    """Monitor threads started by this test and still alive."""
-    return [t for t in threading.enumerate()
-            if t.name == "antideadlock-loopmonitor" and t not in _EARLIER]
-
-
 def read_diagnoses(tmp_path: Any) -> list[dict[str, Any]]:
     return json.loads((tmp_path / "diagnosis.json").read_text())
 
@@ -72,7 +54,8 @@ class SleepySpider(SiteSpider):
 
 
 @pytest_twisted.ensureDeferred
-async def test_blocked_loop_detected_with_stack(make_fault_site: Any, tmp_path: Any) -> None:
+async def test_blocked_loop_detected_with_stack(make_fault_site: Any, tmp_path: Any,
+                                                new_monitor_threads: Any) -> None:
     site: FaultSite = make_fault_site(pages=1, items_per_page=3)
     SleepySpider.slept_at = None
     result = await run_crawl(SleepySpider, wd_settings(tmp_path), timeout=40,
@@ -89,7 +72,7 @@ async def test_blocked_loop_detected_with_stack(make_fault_site: Any, tmp_path: 
     assert result.stats["antideadlock/watchdog/stalls/blocked_loop"] == 1
     assert result.stats["antideadlock/watchdog/cleared"] >= 1
     assert result.stats["antideadlock/watchdog/blocked_seconds_max"] >= 5.0
-    assert not monitor_threads()
+    assert not new_monitor_threads()
 
 
 # ---------------------------------------------------------------------- deadlock
@@ -99,7 +82,8 @@ async def test_blocked_loop_detected_with_stack(make_fault_site: Any, tmp_path: 
 
 @pytest_twisted.ensureDeferred
 async def test_naive_pipeline_deadlock_is_classified_with_cycle(
-        make_fault_site: Any, fault_proxy: Any, pg_dsn: str, tmp_path: Any) -> None:
+        make_fault_site: Any, fault_proxy: Any, pg_dsn: str, tmp_path: Any,
+        new_monitor_threads: Any) -> None:
     from scrapy_antideadlock.testing.scenarios.pools import StickySpider
 
     site = make_fault_site(pages=1, items_per_page=4)
@@ -137,7 +121,7 @@ async def test_naive_pipeline_deadlock_is_classified_with_cycle(
     assert on_disk[0]["oldest_holders"] and on_disk[0]["loop"]["cpu"] is not None
     assert result.stats["antideadlock/watchdog/stalls/deadlock"] == 1
     assert fault_proxy.requests >= 3  # the downloads really went through the proxy
-    assert not monitor_threads()
+    assert not new_monitor_threads()
 
 
 # ---------------------------------------------------------------------- livelock, stalled I/O
@@ -152,7 +136,8 @@ class ProxiedSpider(SiteSpider):
 
 @pytest_twisted.ensureDeferred
 async def test_always_failing_proxy_with_unbounded_retries_is_livelock(
-        make_fault_site: Any, make_fault_proxy: Any, tmp_path: Any) -> None:
+        make_fault_site: Any, make_fault_proxy: Any, tmp_path: Any,
+        new_monitor_threads: Any) -> None:
     site = make_fault_site(pages=1, items_per_page=3)
     proxy = make_fault_proxy(mode="error")  # every request: 502 Bad Gateway
     found: list[dict[str, Any]] = []
@@ -184,11 +169,12 @@ async def test_always_failing_proxy_with_unbounded_retries_is_livelock(
     assert cleared and cleared[0][0] == "livelock"
     assert result.stats["antideadlock/watchdog/cleared"] == 1
     assert proxy.requests > 20
-    assert not monitor_threads()
+    assert not new_monitor_threads()
 
 
 @pytest_twisted.ensureDeferred
-async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any) -> None:
+async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any,
+                                          new_monitor_threads: Any) -> None:
     from scrapy_antideadlock.testing import Fault
 
     site = make_fault_site(pages=1, items_per_page=3)
@@ -221,7 +207,7 @@ async def test_hanging_site_is_stalled_io(make_fault_site: Any, tmp_path: Any) -
         assert abs(entry["age"] - (detected - reached[url])) < 0.05, (entry, reached)
         assert entry["age"] > 1.0, entry  # hung for most of the 2 s window, not just sent
     assert all(e["stage"] == "transfer" for e in flight["oldest"])
-    assert not monitor_threads()
+    assert not new_monitor_threads()
 
 
 class WaitsForeverPipeline:
@@ -405,7 +391,6 @@ async def test_idle_spider_kept_open_is_not_a_stall(make_fault_site: Any, tmp_pa
 
 
 def test_bad_settings_fail_at_start_naming_the_setting() -> None:
-    import pytest
     from scrapy.utils.test import get_crawler
 
     from scrapy_antideadlock.settings import SettingError
@@ -421,7 +406,6 @@ def test_bad_settings_fail_at_start_naming_the_setting() -> None:
 
 
 def test_off_switch_and_addon() -> None:
-    import pytest
     from scrapy.exceptions import NotConfigured
     from scrapy.settings import Settings
     from scrapy.utils.test import get_crawler
@@ -446,8 +430,8 @@ def test_off_switch_and_addon() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_with_the_whole_pack_uses_the_downloader_deadlines(make_fault_site: Any,
-                                                                  tmp_path: Any) -> None:
+async def test_with_the_whole_pack_uses_the_downloader_deadlines(
+        make_fault_site: Any, tmp_path: Any, new_monitor_threads: Any) -> None:
     from scrapy_antideadlock.testing import Fault
 
     site = make_fault_site(pages=1, items_per_page=3)
@@ -473,4 +457,4 @@ async def test_with_the_whole_pack_uses_the_downloader_deadlines(make_fault_site
     assert len(oldest) == 3
     # deadlines come from the downloader part's in-flight tracker
     assert all(e["deadline_in"] is not None and e["deadline_in"] < 5.0 for e in oldest)
-    assert not monitor_threads()
+    assert not new_monitor_threads()
