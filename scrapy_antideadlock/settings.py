@@ -333,7 +333,7 @@ _define("pg", "PG_CREATE_TABLES", False, as_bool, "a boolean",
 _define("pg", "PG_DURABILITY", "commit", one_of("commit", "buffered"), "commit or buffered",
         "commit: process_item returns after the item's batch committed; buffered: at once.")
 _define("pg", "PG_BATCH_SIZE", 1000, positive_int, "an integer >= 1",
-        "Rows per batch (one COPY + merge transaction).")
+        "Rows per batch (one ordered upsert statement, or COPY + merge).")
 _define("pg", "PG_MAX_DELAY", 0.1, positive_float, "seconds > 0",
         "Flush a batch when its oldest item waited this long (group commit window).")
 _define("pg", "PG_BUFFER_CAPACITY", 10000, positive_int, "an integer >= 1",
@@ -345,9 +345,9 @@ _define("pg", "PG_ACQUIRE_TIMEOUT", 5.0, positive_float, "seconds > 0",
 _define("pg", "PG_MAX_WAITING", 16, positive_int, "an integer >= 1",
         "Bound of the pool's waiting queue.")
 _define("pg", "PG_LOCK_TIMEOUT", 2.0, positive_float, "seconds > 0",
-        "SET LOCAL lock_timeout of each batch transaction.")
+        "lock_timeout of every pooled connection (each batch statement).")
 _define("pg", "PG_STATEMENT_TIMEOUT", 30.0, positive_float, "seconds > 0",
-        "SET LOCAL statement_timeout of each batch transaction.")
+        "statement_timeout of every pooled connection (each batch statement).")
 _define("pg", "PG_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, positive_float, "seconds > 0",
         "idle_in_transaction_session_timeout of every pooled connection.")
 _define("pg", "PG_MAX_ATTEMPTS", 6, positive_int, "an integer >= 1",

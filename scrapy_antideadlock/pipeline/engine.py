@@ -2,13 +2,13 @@
 
 Why it cannot deadlock or hang:
 
-* **Ordering.** Each batch is deduplicated by key and staged with COPY into a temp
-  table, then merged with ``INSERT ... SELECT ... ORDER BY key ON CONFLICT``: every
-  writer locks rows in key order, so no two transactions wait on each other in a
-  cycle. One flush per table at a time, so a later batch never overtakes an earlier.
-* **Bounded waits.** Pool acquire has a timeout and a bounded queue; each transaction
-  runs with ``SET LOCAL lock_timeout``/``statement_timeout``; every connection has
-  ``idle_in_transaction_session_timeout``; the pool checks connections before use so
+* **Ordering.** Each batch is deduplicated by key and merged with ``INSERT ... SELECT
+  ... ORDER BY key ON CONFLICT``, from one JSON parameter (one autocommit statement) or,
+  for values JSON cannot carry exactly, from a temp table filled by COPY: every writer
+  locks rows in key order, so no two transactions wait on each other in a cycle. One flush per table at a time, so a later batch never overtakes an earlier.
+* **Bounded waits.** Pool acquire has a timeout and a bounded queue; every pooled
+  connection has ``lock_timeout``, ``statement_timeout`` and
+  ``idle_in_transaction_session_timeout`` set for its session; the pool checks connections before use so
   those killed by a server restart are replaced. A connection is held only inside a
   flush, never while an item waits for anything else.
 * **Retries, then parking.** Transient failures (deadlock, lock/statement timeout,
@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EngineOptions", "Outcome", "PgConfigError", "Stats", "UpsertEngine"]
 
+#: a connection that completed a statement this recently is handed out unchecked
+FRESH_FOR = 1.0
+
 class UpsertEngine:
     """Batched, ordered, bounded upserts of rows into PostgreSQL tables."""
 
@@ -87,10 +90,10 @@ class UpsertEngine:
         self._pool_wait_max = 0.0
         #: temp stages known to exist per pooled connection (a new session has none)
         self._stages: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-        self._begin = sql.SQL("BEGIN; SET LOCAL lock_timeout = {}; "
-                              "SET LOCAL statement_timeout = {}").format(
-            sql.Literal(int(options.lock_timeout * 1000)),
-            sql.Literal(int(options.statement_timeout * 1000)))
+        #: when each pooled connection last finished a statement without error
+        self._fresh: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        #: statements as bytes, composed once (id of a Composed cached by its Table -> bytes)
+        self._bytes: dict[int, tuple[sql.Composable, bytes]] = {}
 
     # ------------------------------------------------------------------ open
     async def open(self) -> None:
@@ -126,16 +129,38 @@ class UpsertEngine:
         self.pool = AsyncConnectionPool(
             self.dsn, min_size=1, max_size=opts.pool_size, open=False,
             timeout=opts.acquire_timeout, max_waiting=opts.max_waiting,
-            configure=self._configure, check=AsyncConnectionPool.check_connection,
+            configure=self._configure, check=self._check,
             name=opts.name, reconnect_timeout=max(60.0, opts.retry_budget))
         await self.pool.open(wait=False)
 
     async def _configure(self, conn: psycopg.AsyncConnection) -> None:
-        # Must leave the connection idle (not in a transaction), or the pool discards it.
+        """Bound every wait of every statement on this connection, once per session (not
+        per batch: a JSON batch is a single statement with no transaction to SET LOCAL in).
+
+        Must leave the connection idle (not in a transaction), or the pool discards it.
+        """
         await conn.set_autocommit(True)
-        ms = int(self.options.idle_in_transaction_timeout * 1000)
-        await conn.execute(sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
-            sql.Literal(ms)))
+        opts = self.options
+        await conn.execute(sql.SQL(
+            "SET lock_timeout = {}; SET statement_timeout = {}; "
+            "SET idle_in_transaction_session_timeout = {}").format(
+            *(sql.Literal(int(seconds * 1000)) for seconds in (
+                opts.lock_timeout, opts.statement_timeout, opts.idle_in_transaction_timeout))))
+    async def _check(self, conn: psycopg.AsyncConnection) -> None:
+        """The pool's check before a connection is handed out: a round trip (an empty
+        query) only if the connection has not just worked. One that died since (server
+        restart) fails its statement, which is retried on a fresh connection."""
+        used = self._fresh.get(conn)
+        if used is None or time.monotonic() - used > FRESH_FOR or conn.broken:
+            await AsyncConnectionPool.check_connection(conn)
+
+    def _sql(self, conn: psycopg.AsyncConnection, query: sql.Composable) -> bytes:
+        """``query`` as bytes, composed once: composing costs ~100 us per statement."""
+        cached = self._bytes.get(id(query))
+        if cached is None or cached[0] is not query:
+            cached = self._bytes[id(query)] = (query, query.as_bytes(conn))
+        return cached[1]
+
     # ------------------------------------------------------------------ submit
     def enqueue(self, spec: TableSpec | None, fields: Mapping[str, Any], *, owner: str,
                 item_type: str) -> Awaitable[Outcome]:
@@ -290,15 +315,20 @@ class UpsertEngine:
 
     async def _transaction(self, table: Table, entries: list[Entry], cols: tuple[str, ...],
                            token: int) -> None:
-        """One batch in three round trips: BEGIN + limits (+ the stage, once per
-        connection), COPY into the connection's temp stage, merge + COMMIT.
+        """One batch: one autocommit statement upserting from a JSON document, or, when
+        JSON cannot carry a value exactly (:meth:`Table.json_doc`), three round trips:
+        BEGIN (+ the stage, once per connection), COPY into the connection's temp stage,
+        merge + COMMIT.
 
+        The limits are session settings of every pooled connection (:meth:`_configure`).
         The stage is ``ON COMMIT DELETE ROWS``, so it is empty at every BEGIN and is not
         created and dropped (catalog writes) in every transaction.
         """
         assert self.pool is not None
         opts = self.options
         statements = table.statements(cols)
+        doc = None if statements.upsert is None else table.json_doc(
+            [entry.row for entry in entries])
         asked = time.monotonic()
         try:
             conn = await self.pool.getconn(timeout=opts.acquire_timeout)
@@ -309,25 +339,30 @@ class UpsertEngine:
                 self.stats.set_value(ad_stats.PG_POOL_WAIT_MAX, round(waited, 4))
         try:
             self.pool_view.holding(token)
+            if doc is not None and statements.upsert is not None:
+                await conn.execute(self._sql(conn, statements.upsert), (doc,))
+                self._fresh[conn] = time.monotonic()
+                return
             stages = self._stages.get(conn)
             if stages is None:
                 stages = self._stages[conn] = set()
-            begin = self._begin
+            begin = b"BEGIN"
             if statements.stage not in stages:
-                begin = sql.SQL("{}; {}").format(begin, statements.create)
+                begin += b"; " + self._sql(conn, statements.create)
             try:
                 await conn.execute(begin)
-                async with conn.cursor().copy(statements.copy) as copy:
+                async with conn.cursor().copy(self._sql(conn, statements.copy)) as copy:
                     for entry in entries:
                         row = entry.row
                         await copy.write_row([row.get(c) for c in cols])
-                await conn.execute(statements.merge)
+                await conn.execute(self._sql(conn, statements.merge))
             except BaseException:
                 if conn.info.transaction_status != TransactionStatus.IDLE:
                     with contextlib.suppress(Exception):  # else the pool rolls it back
                         await conn.rollback()
                 raise
             stages.add(statements.stage)  # committed, so the stage exists from now on
+            self._fresh[conn] = time.monotonic()
         finally:  # back to the pool at once: never held outside a flush
             await self.pool.putconn(conn)
 

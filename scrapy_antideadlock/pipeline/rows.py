@@ -102,6 +102,16 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default, allow_nan=False)
 
 
+def _plain_dumps(value: Any) -> str:
+    """JSON of str/int/float/None values (checked by :meth:`Table.json_doc`)."""
+    return json.dumps(value, ensure_ascii=False)  # a lone surrogate fails as in COPY
+
+
+def _json_text(value: Jsonb) -> str:
+    """The text :func:`_to_json` serialised once, as COPY sends it."""
+    return value.dumps(value.obj)
+
+
 def _to_json(value: Any, field_name: str) -> Jsonb:
     try:
         text = _dumps(value)
@@ -130,12 +140,15 @@ class Table:
 
     spec: TableSpec
     columns: dict[str, str]  # column -> type name (udt), in table order
+    #: column -> its full type (typmod, collation): a JSON batch is read as these types
+    typedefs: dict[str, str] = dataclasses.field(default_factory=dict)
     ident: sql.Composable = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.ident = sql.Identifier(*self.spec.table_parts)
         self._sql_cache: dict[tuple[str, ...], Statements] = {}
         self._routes: dict[str, tuple[str | None, bool]] = {}
+        self.json_columns = frozenset(c for c, t in self.columns.items() if t in ("json", "jsonb"))
 
     def row_of(self, fields: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """(key, column -> value) for one item; raise :class:`BadItem` if it cannot be."""
@@ -185,6 +198,37 @@ class Table:
                            "is configured; it is not stored", name, spec.item_type, spec.table)
         return column, column is not None and self.columns.get(column) in ("json", "jsonb")
 
+    def json_doc(self, rows: list[dict[str, Any]]) -> str | None:
+        """The rows as one JSON array of objects, or None if JSON cannot carry every value
+        exactly as COPY does (then the batch goes through COPY).
+
+        Each value must reach the column's input function as the same text psycopg would
+        COPY: str, int and finite float do (a JSON number's text is ``repr``); None is
+        NULL; a json/jsonb value is embedded as its serialised text, verbatim, unless that
+        text is ``null`` (JSON null reads as SQL NULL). Anything else (bool, bytes, Decimal,
+        datetime, UUID, arrays...) is dumped differently by psycopg: COPY keeps it.
+        """
+        wrapped = False
+        json_columns = self.json_columns
+        for row in rows:
+            for column, value in row.items():
+                kind = type(value)
+                if kind is str or value is None or kind is int:
+                    continue
+                if kind is float:
+                    if value - value == 0.0:  # finite
+                        continue
+                    return None
+                if kind is Jsonb and column in json_columns and _json_text(value) != "null":
+                    wrapped = True
+                    continue
+                return None
+        if not wrapped:
+            return _plain_dumps(rows)
+        return "[" + ",".join("{" + ",".join(
+            f"{_plain_dumps(c)}:{_json_text(v) if type(v) is Jsonb else _plain_dumps(v)}"
+            for c, v in row.items()) + "}" for row in rows) + "]"
+
     def statements(self, cols: tuple[str, ...]) -> Statements:
         """How a batch with this column set is staged and merged (built once per set)."""
         cached = self._sql_cache.get(cols)
@@ -214,18 +258,30 @@ class Table:
         merge = sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} ORDER BY {k} "
                         "ON CONFLICT ({k}) DO {a}; COMMIT").format(t=self.ident, c=col_ids,
                                                                    s=stage, k=key_ids, a=action)
-        cached = self._sql_cache[cols] = Statements(stage_name, create, copy, merge)
+        # The same merge from one JSON parameter, read as the columns' own types (typmod
+        # and collation too, so keys sort as in the stage): one autocommit statement.
+        defs = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(self.typedefs[c])) for c in cols)
+        upsert = sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM json_to_recordset(%s::json) "
+                         "AS _r({d}) ORDER BY {k} ON CONFLICT ({k}) DO {a}").format(
+            t=self.ident, c=col_ids, d=defs, k=key_ids, a=action)
+        names = (*cols, *spec.table_parts, *(self.typedefs[c] for c in cols))
+        if any("%" in name for name in names):  # would read as a placeholder: COPY only
+            upsert = None
+        cached = self._sql_cache[cols] = Statements(stage_name, create, copy, merge, upsert)
         return cached
 
 
 @dataclass(frozen=True)
 class Statements:
-    """SQL for one (table, column set): a per-connection temp stage, COPY, merge+commit."""
+    """SQL for one (table, column set): a per-connection temp stage, COPY, merge+commit;
+    or the whole batch in one statement from a JSON document (``upsert``)."""
 
     stage: str  # the stage's name, to remember on which connections it exists
     create: sql.Composed
     copy: sql.Composed
     merge: sql.Composed
+    upsert: sql.Composed | None  # None: names JSON's parameter syntax cannot carry
 
 
 _stage_ids = itertools.count(1)  # stage names unique per process (one session serves all tables)
@@ -246,10 +302,16 @@ async def resolve_table(conn: psycopg.AsyncConnection, spec: TableSpec, create: 
         cur = await conn.execute("SELECT to_regclass(%s)::oid", [qualified])
         oid = (await cur.fetchone())[0]
     cur = await conn.execute(
-        "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t "
-        "ON t.oid = a.atttypid WHERE a.attrelid = %s AND a.attnum > 0 "
+        "SELECT a.attname, t.typname, format_type(a.atttypid, a.atttypmod) || "
+        "CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation THEN "
+        "' COLLATE ' || quote_ident(n.nspname) || '.' || quote_ident(c.collname) ELSE '' END "
+        "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
+        "LEFT JOIN pg_namespace n ON n.oid = c.collnamespace "
+        "WHERE a.attrelid = %s AND a.attnum > 0 "
         "AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum", [oid])
-    columns = {name: typ for name, typ in await cur.fetchall()}
+    found = await cur.fetchall()
+    columns = {name: typ for name, typ, _ in found}
     missing = [c for c in spec.key_columns if c not in columns]
     if isinstance(spec.columns, dict):
         missing += [c for c in spec.columns.values() if c not in columns]
@@ -268,7 +330,7 @@ async def resolve_table(conn: psycopg.AsyncConnection, spec: TableSpec, create: 
         raise PgConfigError(
             f"ANTIDEADLOCK_PG_TABLES: table {spec.table!r} needs a unique index or "
             f"primary key on exactly {list(spec.key_columns)} for ON CONFLICT")
-    return Table(spec, columns)
+    return Table(spec, columns, {name: typedef for name, _, typedef in found})
 
 
 def create_sql(spec: TableSpec) -> sql.Composed:
