@@ -160,7 +160,7 @@ async def test_json_path_bounds_waits_by_session_settings(pg_dsn, tmp_path):
                                                        idle_in_transaction_timeout=9),
                           deadletter=DeadLetterStore(tmp_path / "dl.jsonl"), stats=Stats())
     async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
-        await engine._configure(conn)
+        await engine.writer.configure(conn)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         got = []
         for name in ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout"):

@@ -25,13 +25,10 @@ import contextlib
 import itertools
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import psycopg
-from psycopg import sql
-from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from .. import stats as ad_stats
@@ -57,13 +54,12 @@ from .rows import (
     resolve_table,
 )
 from .support import EngineOptions, PgPoolView, Stats
+from .write import BatchWriter
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EngineOptions", "Outcome", "PgConfigError", "Stats", "UpsertEngine"]
 
-#: a connection that completed a statement this recently is handed out unchecked
-FRESH_FOR = 1.0
 
 class UpsertEngine:
     """Batched, ordered, bounded upserts of rows into PostgreSQL tables."""
@@ -89,11 +85,7 @@ class UpsertEngine:
         self._closed = False
         self._pool_wait_max = 0.0
         #: temp stages known to exist per pooled connection (a new session has none)
-        self._stages: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-        #: when each pooled connection last finished a statement without error
-        self._fresh: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        #: statements as bytes, composed once (id of a Composed cached by its Table -> bytes)
-        self._bytes: dict[int, tuple[sql.Composable, bytes]] = {}
+        self.writer = BatchWriter(options)
 
     # ------------------------------------------------------------------ open
     async def open(self) -> None:
@@ -129,37 +121,9 @@ class UpsertEngine:
         self.pool = AsyncConnectionPool(
             self.dsn, min_size=1, max_size=opts.pool_size, open=False,
             timeout=opts.acquire_timeout, max_waiting=opts.max_waiting,
-            configure=self._configure, check=self._check,
+            configure=self.writer.configure, check=self.writer.check,
             name=opts.name, reconnect_timeout=max(60.0, opts.retry_budget))
         await self.pool.open(wait=False)
-
-    async def _configure(self, conn: psycopg.AsyncConnection) -> None:
-        """Bound every wait of every statement on this connection, once per session (not
-        per batch: a JSON batch is a single statement with no transaction to SET LOCAL in).
-
-        Must leave the connection idle (not in a transaction), or the pool discards it.
-        """
-        await conn.set_autocommit(True)
-        opts = self.options
-        await conn.execute(sql.SQL(
-            "SET lock_timeout = {}; SET statement_timeout = {}; "
-            "SET idle_in_transaction_session_timeout = {}").format(
-            *(sql.Literal(int(seconds * 1000)) for seconds in (
-                opts.lock_timeout, opts.statement_timeout, opts.idle_in_transaction_timeout))))
-    async def _check(self, conn: psycopg.AsyncConnection) -> None:
-        """The pool's check before a connection is handed out: a round trip (an empty
-        query) only if the connection has not just worked. One that died since (server
-        restart) fails its statement, which is retried on a fresh connection."""
-        used = self._fresh.get(conn)
-        if used is None or time.monotonic() - used > FRESH_FOR or conn.broken:
-            await AsyncConnectionPool.check_connection(conn)
-
-    def _sql(self, conn: psycopg.AsyncConnection, query: sql.Composable) -> bytes:
-        """``query`` as bytes, composed once: composing costs ~100 us per statement."""
-        cached = self._bytes.get(id(query))
-        if cached is None or cached[0] is not query:
-            cached = self._bytes[id(query)] = (query, query.as_bytes(conn))
-        return cached[1]
 
     # ------------------------------------------------------------------ submit
     def enqueue(self, spec: TableSpec | None, fields: Mapping[str, Any], *, owner: str,
@@ -315,23 +279,11 @@ class UpsertEngine:
 
     async def _transaction(self, table: Table, entries: list[Entry], cols: tuple[str, ...],
                            token: int) -> None:
-        """One batch: one autocommit statement upserting from a JSON document, or, when
-        JSON cannot carry a value exactly (:meth:`Table.json_doc`), three round trips:
-        BEGIN (+ the stage, once per connection), COPY into the connection's temp stage,
-        merge + COMMIT.
-
-        The limits are session settings of every pooled connection (:meth:`_configure`).
-        The stage is ``ON COMMIT DELETE ROWS``, so it is empty at every BEGIN and is not
-        created and dropped (catalog writes) in every transaction.
-        """
+        """Take a pooled connection, write the batch (:class:`BatchWriter`), give it back."""
         assert self.pool is not None
-        opts = self.options
-        statements = table.statements(cols)
-        doc = None if statements.upsert is None else table.json_doc(
-            [entry.row for entry in entries])
         asked = time.monotonic()
         try:
-            conn = await self.pool.getconn(timeout=opts.acquire_timeout)
+            conn = await self.pool.getconn(timeout=self.options.acquire_timeout)
         finally:  # a wait that timed out counts too
             waited = time.monotonic() - asked
             if waited > self._pool_wait_max:
@@ -339,30 +291,7 @@ class UpsertEngine:
                 self.stats.set_value(ad_stats.PG_POOL_WAIT_MAX, round(waited, 4))
         try:
             self.pool_view.holding(token)
-            if doc is not None and statements.upsert is not None:
-                await conn.execute(self._sql(conn, statements.upsert), (doc,))
-                self._fresh[conn] = time.monotonic()
-                return
-            stages = self._stages.get(conn)
-            if stages is None:
-                stages = self._stages[conn] = set()
-            begin = b"BEGIN"
-            if statements.stage not in stages:
-                begin += b"; " + self._sql(conn, statements.create)
-            try:
-                await conn.execute(begin)
-                async with conn.cursor().copy(self._sql(conn, statements.copy)) as copy:
-                    for entry in entries:
-                        row = entry.row
-                        await copy.write_row([row.get(c) for c in cols])
-                await conn.execute(self._sql(conn, statements.merge))
-            except BaseException:
-                if conn.info.transaction_status != TransactionStatus.IDLE:
-                    with contextlib.suppress(Exception):  # else the pool rolls it back
-                        await conn.rollback()
-                raise
-            stages.add(statements.stage)  # committed, so the stage exists from now on
-            self._fresh[conn] = time.monotonic()
+            await self.writer.write(conn, table, entries, cols)
         finally:  # back to the pool at once: never held outside a flush
             await self.pool.putconn(conn)
 
