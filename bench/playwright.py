@@ -122,6 +122,9 @@ def _child(spec: dict[str, Any]) -> None:
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    from .common import compile_pack
+
+    compile_pack()  # both handlers run from this checkout; compiled as pip would
     proc = subprocess.run([sys.executable, "-m", "bench.playwright", "--child", json.dumps(spec)],
                           cwd=ROOT, capture_output=True, text=True, timeout=spec["window"] + 90)
     if proc.stderr.strip():

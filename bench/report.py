@@ -68,6 +68,7 @@ LEGACY_PATTERNS: list[tuple[str, str, str, str, str]] = [
 #: Headline rows: (label, figure name or prefix ending in "*", what "good" looks like).
 HEADLINES: list[tuple[str, str, str]] = [
     ("Overhead: CPU, full add-on / plain (5 000 pages)", "overhead.cpu_ratio", "<= 1.03"),
+    ("Overhead: CPU, plain / plain by the same method (bias)", "overhead.cpu_ratio_aa", "1"),
     ("Overhead: wall, full add-on / plain (5 000 pages)", "overhead.wall_ratio", "<= 1.03"),
     ("Broad crawl: wall, add-on / plain", "broad.wall_ratio", "<= 1.05"),
     ("Broad crawl: peak RSS added", "broad.rss_added_mb", "<= 10 MB"),
