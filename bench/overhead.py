@@ -111,7 +111,8 @@ def main() -> None:
     sides = {"plain": {}, "addon": ADDON_PACK}
     with SiteProcess("--pages", str(args.pages), "--items-per-page", "100") as site:
         reports = paired(site.start_url, sides, args.pairs, args.pages * 100, 300)
-        together = aa = []
+        together: list[float] = []
+        aa: list[float] = []
         if args.concurrent:
             together = concurrent(site.start_url, {}, ADDON_PACK, args.concurrent,
                                   args.pages * 100, 300, "plain/addon")

@@ -5,12 +5,14 @@ Why it cannot deadlock or hang:
 * **Ordering.** Each batch is deduplicated by key and merged with ``INSERT ... SELECT
   ... ORDER BY key ON CONFLICT``, from one JSON parameter (one autocommit statement) or,
   for values JSON cannot carry exactly, from a temp table filled by COPY: every writer
-  locks rows in key order, so no two transactions wait on each other in a cycle. One flush per table at a time, so a later batch never overtakes an earlier.
+  locks rows in key order, so no two transactions wait on each other in a cycle. One
+  flush per table at a time, so a later batch never overtakes an earlier.
 * **Bounded waits.** Pool acquire has a timeout and a bounded queue; every pooled
   connection has ``lock_timeout``, ``statement_timeout`` and
-  ``idle_in_transaction_session_timeout`` set for its session; the pool checks connections before use so
-  those killed by a server restart are replaced. A connection is held only inside a
-  flush, never while an item waits for anything else.
+  ``idle_in_transaction_session_timeout`` set for its session; the pool checks
+  connections before use (:mod:`.write`) so those killed by a server restart are
+  replaced. A connection is held only inside a flush, never while an item waits for
+  anything else.
 * **Retries, then parking.** Transient failures (deadlock, lock/statement timeout,
   serialization, shutdown, connection loss, pool timeout) are retried with jittered
   exponential backoff within a per-batch time budget. Row-level errors (bad data,
@@ -84,8 +86,7 @@ class UpsertEngine:
         self._soft_deadline: float | None = None
         self._closed = False
         self._pool_wait_max = 0.0
-        #: temp stages known to exist per pooled connection (a new session has none)
-        self.writer = BatchWriter(options)
+        self.writer = BatchWriter(options)  # session limits, pool check, JSON or COPY
 
     # ------------------------------------------------------------------ open
     async def open(self) -> None:
