@@ -1,9 +1,12 @@
 """The pack's one timer mechanism on the event loop: run later, or run every so often.
 
-Everything the components schedule on the loop goes through :func:`later` and
-:func:`every`, both built on Twisted's ``reactor.callLater``: it works under every reactor
-Scrapy supports (on the asyncio reactor it is the asyncio loop's own timer), so one
-code path serves them all. Work that must happen while the loop is blocked (a hard-exit
+Everything the components schedule on the loop goes through :func:`later`, :func:`every`
+and :func:`soon`. The first two are built on Twisted's ``reactor.callLater``: it works
+under every reactor Scrapy supports (on the asyncio reactor it is the asyncio loop's own
+timer), so one code path serves them all. :func:`soon` is for work done once per loop
+turn at a high rate: on a running asyncio loop it is ``loop.call_soon``, which skips
+Twisted's timer bookkeeping (a ``DelayedCall`` sorted into a heap that, in a broad crawl,
+holds a connection-pool timer per host). Work that must happen while the loop is blocked (a hard-exit
 deadline, a liveness ping) cannot run here: it belongs on the loop monitor's thread
 (``LoopMonitor.add_periodic`` / ``add_deadline``). The asyncio primitives in
 ``primitives/`` stay on ``loop.call_later``: they are free of Scrapy and Twisted.
@@ -11,12 +14,13 @@ deadline, a liveness ping) cannot run here: it belongs on the loop monitor's thr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Repeating", "Timer", "every", "later", "loop_monitor_for"]
+__all__ = ["Repeating", "Timer", "every", "later", "loop_monitor_for", "soon"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,16 @@ class Repeating:
 def later(delay: float, fn: Callable[..., object], *args: Any) -> Timer:
     """Run ``fn(*args)`` on the loop after ``delay`` seconds (0: on the next turn)."""
     return Timer(delay, fn, *args)
+
+
+def soon(fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` on the loop's next turn (not cancellable; callers keep a flag)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop running this thread: Twisted's timer
+        later(0, fn, *args)
+    else:
+        loop.call_soon(fn, *args)
 
 
 def every(interval: float, fn: Callable[[], object], *, now: bool = False,

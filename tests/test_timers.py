@@ -1,4 +1,4 @@
-"""timers.py: the one timer mechanism on the loop (later, every)."""
+"""timers.py: the one timer mechanism on the loop (later, every, soon)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 from scrapy.utils.defer import deferred_f_from_coro_f
 
-from scrapy_antideadlock.timers import every, later
+from scrapy_antideadlock.timers import every, later, soon
 
 
 async def wait_for(condition, timeout: float = 10.0) -> None:
@@ -43,3 +43,12 @@ async def test_later_runs_once_and_cancel_stops_it(caplog) -> None:
     failing = every(0.02, broken)
     await wait_for(lambda: not failing.running)  # logged, and stopped like LoopingCall
     assert "tick failed" in caplog.text and len(ticks) == stopped_at + 1
+
+
+@deferred_f_from_coro_f
+async def test_soon_runs_on_the_next_loop_turn_not_now() -> None:
+    calls: list[int] = []
+    soon(calls.append, 1)
+    assert calls == []  # not synchronously
+    await asyncio.sleep(0)  # one turn of the asyncio loop, no Twisted timer involved
+    assert calls == [1]

@@ -43,7 +43,7 @@ from ..origin import JOURNAL_KEY, origins_for
 from ..primitives.deadletter import DeadLetterStore
 from ..primitives.journal import Journal, JournalLocked
 from ..reactor import require_asyncio_reactor
-from ..timers import every, later
+from ..timers import every, soon
 from .codec import decode_payload, encode_payload, pickle_unjsonable, to_dict
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class RequestJournal:
         self._compactions = 0
         self._checked_origin = False
         self._method_names: dict[Any, Any] = {}  # spider function -> method name (codec.to_dict)
-        self._flush_call: Any = None
+        self._flush_pending = False
         self._fsync_job: Any = None  # the periodic fsync on the loop monitor's thread
         # Counted here and added to the stats once a tick and at the close: a stats call
         # per request costs more than the count itself.
@@ -313,11 +313,12 @@ class RequestJournal:
 
     def _flush_soon(self) -> None:
         """One ``write`` per event-loop turn for everything journaled in it."""
-        if self._flush_call is None:
-            self._flush_call = later(0, self._flush)
+        if not self._flush_pending:
+            self._flush_pending = True
+            soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_call = None
+        self._flush_pending = False
         if self.journal.is_open:
             self.journal.flush()
 
