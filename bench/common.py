@@ -106,6 +106,22 @@ def run_child(start_url: str, settings: dict[str, Any], window: float,
                         timeout or window + 60)
 
 
+def run_side_by_side(start_url: str, a: dict[str, Any], b: dict[str, Any], window: float,
+                     rnd: int, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Crawl with settings ``a`` and ``b`` at the same time, each pinned to its own core
+    (swapped every other ``rnd``), and return both reports.
+
+    This VM's speed drifts by tens of percent between back-to-back runs; two crawls
+    running together see the same machine, so their ratio is steadier than a sequential
+    pair's.
+    """
+    cpus = (0, 1) if rnd % 2 == 0 else (1, 0)
+    procs = [start_child(start_url, side, window, cpu=cpu, **extra)
+             for side, cpu in zip((a, b), cpus, strict=True)]
+    ra, rb = (child_report(proc, window + 60) for proc in procs)
+    return ra, rb
+
+
 def load_line() -> str:
     """Machine load while benchmarking (the machine is shared)."""
     try:

@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 
-from .common import ADDON_PACK, SiteProcess, child_report, load_line, run_child, start_child
+from .common import ADDON_PACK, SiteProcess, load_line, run_child, run_side_by_side
 
 BASE = {"CONCURRENT_REQUESTS": 16, "CONCURRENT_REQUESTS_PER_DOMAIN": 16}
 
@@ -79,10 +79,7 @@ def concurrent(site_url: str, a: dict, b: dict, pairs: int, expected: int,
     """CPU ratios b / a of crawls run at the same time, each pinned to its own core."""
     out = []
     for rnd in range(pairs):
-        cpus = (0, 1) if rnd % 2 == 0 else (1, 0)
-        procs = [start_child(site_url, {**BASE, **side}, window, cpu=cpu)
-                 for side, cpu in zip((a, b), cpus, strict=True)]
-        ra, rb = (child_report(proc, window + 60) for proc in procs)
+        ra, rb = run_side_by_side(site_url, {**BASE, **a}, {**BASE, **b}, window, rnd)
         for report in (ra, rb):
             if not report["finished"] or report["items"] != expected:
                 raise SystemExit(f"{label}: {report['items']}/{expected} items")
