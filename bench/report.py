@@ -38,7 +38,7 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
 #: Benchmarks in run order (the issues' headline figures); others found in bench/ follow.
-KNOWN = ["overhead", "broad", "tail", "hang_rate", "pipeline", "pipeline_crawl", "detect",
+KNOWN = ["overhead", "instructions", "broad", "tail", "hang_rate", "pipeline", "pipeline_crawl", "detect",
          "playwright", "recovery", "timeline", "diagnose", "fleet"]
 #: Modules in bench/ that are not benchmarks.
 NOT_BENCHES = {"__init__", "__main__", "common", "report", "pngplot", "figures"}
@@ -70,6 +70,10 @@ HEADLINES: list[tuple[str, str, str]] = [
     ("Overhead: CPU, full add-on / plain (5 000 pages)", "overhead.cpu_ratio", "<= 1.03"),
     ("Overhead: CPU, plain / plain by the same method (bias)", "overhead.cpu_ratio_aa", "1"),
     ("Overhead: wall, full add-on / plain (5 000 pages)", "overhead.wall_ratio", "<= 1.03"),
+    ("Overhead: instructions per request, add-on / plain (valgrind, upper bound)",
+     "instructions.ratio", "<= 1.03"),
+    ("Overhead: instructions per request each component adds, % of plain",
+     "instructions.*_share", "—"),
     ("Broad crawl: wall, add-on / plain", "broad.wall_ratio", "<= 1.05"),
     ("Broad crawl: peak RSS added", "broad.rss_added_mb", "<= 10 MB"),
     ("1 % hangs: time to finish / fault-free, add-on", "tail.hang_addon_finish_ratio",
