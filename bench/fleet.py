@@ -147,11 +147,13 @@ def run_mode(mode: str, url: str, site: FaultSite, proxies: list[FaultProxy], it
 
 def _round_trips(mode: str, client: redis.Redis, stats: list[dict[str, Any]]) -> float:
     """Redis round trips per response. Fleet: the pack's own count plus the dupefilter's
-    SADD per scheduled request, per surviving worker. Plain: scrapy-redis's commands from
-    the server's commandstats (a pop is one MULTI/EXEC round trip)."""
+    SADD per scheduled request (not for the duplicates the fleet queue dropped before it),
+    per surviving worker. Plain: scrapy-redis's commands from the server's commandstats (a
+    pop is one MULTI/EXEC round trip)."""
     if mode == "fleet":
         calls = sum(s.get("antideadlock/fleet/redis_calls", 0)
                     + s.get("scheduler/enqueued/redis", 0) + s.get("dupefilter/filtered", 0)
+                    - s.get("antideadlock/fleet/duplicates_dropped", 0)
                     for s in stats)
         return round(calls / max(1, sum(s.get("response_received_count", 0) for s in stats)),
                      2)

@@ -235,6 +235,10 @@ FLEET_LOCAL_GRANTS = _stat("fleet/local_grants",
 FLEET_LATE_RELEASES = _stat("fleet/late_releases",
                             "Releases of a fleet lease that had already expired (a no-op).")
 FLEET_RENEW_LOST = _stat("fleet/renew_lost", "Renewals refused: the fleet lease had expired.")
+FLEET_DUPLICATES_DROPPED = _stat(
+    "fleet/duplicates_dropped",
+    "Requests the scrapy-redis dupefilter had seen, dropped by the fleet queue before the "
+    "dupefilter's own Redis call (also counted in dupefilter/filtered).")
 FLEET_PUSHED = _stat("fleet/pushed", "Requests pushed to the shared queue.")
 FLEET_POPPED = _stat("fleet/popped", "Requests popped (leased to this worker).")
 FLEET_ACKED = _stat("fleet/acked", "Leased requests acknowledged done (callback and items).")

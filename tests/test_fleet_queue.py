@@ -9,9 +9,13 @@ import time
 from typing import Any
 
 import pytest
+import pytest_twisted
 import redis
-from scrapy import Request, Spider
+from scrapy import Request, Spider, signals
+from scrapy.exceptions import IgnoreRequest
 from scrapy.utils.test import get_crawler
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from scrapy_antideadlock import metakeys
 from scrapy_antideadlock.fleet.leases import RedisLeaseBackend
@@ -407,13 +411,26 @@ def test_a_late_push_after_its_intent_was_rescued_is_not_a_duplicate(make_queue,
     assert b.pop() is None and len(b) == 1
 
 
-def test_no_intent_for_a_request_the_dupefilter_will_drop(make_queue, redis_url):
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_dupefilter_has_seen_is_dropped_without_an_intent(make_queue,
+                                                                              redis_url):
+    """The INTENT script's check already says "seen": the queue drops the request as the
+    dupefilter would (stat, request_dropped), sparing the dupefilter's own round trip."""
     q = make_queue()
     key, fingerprint = q._dupefilter
     request = Request("http://a/seen")
     redis.Redis.from_url(redis_url).sadd(key, fingerprint(request))
-    q._scheduled(request)
+    dropped: list[Request] = []
+    q.crawler.signals.connect(lambda request, spider: dropped.append(request),
+                              signal=signals.request_dropped, weak=False)
+    with pytest.raises(IgnoreRequest):
+        q._scheduled(request)
     assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
+    assert dropped == []  # after every request_scheduled handler ran, as Scrapy would
+    await deferLater(reactor, 0, lambda: None)  # the loop's next turn
+    assert dropped == [request]
+    assert q.stats.get_value("dupefilter/filtered") == 1
+    assert q.stats.get_value("antideadlock/fleet/duplicates_dropped") == 1
     q._scheduled(Request("http://a/dont", dont_filter=True))
     assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
 

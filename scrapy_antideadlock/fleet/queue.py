@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any
 
 from scrapy import Request, signals
+from scrapy.exceptions import IgnoreRequest
 from scrapy_redis.queue import Base
 
 from .. import metakeys
@@ -76,9 +77,13 @@ class ReliableQueue(Base):
         self._intents: weakref.WeakKeyDictionary[Request, str] = weakref.WeakKeyDictionary()
         self._tokens = itertools.count(1)
         self._dupefilter = _dupefilter_of(crawler.settings, spider.name)
+        self._drops_duplicates = self._dupefilter is not None and _plain_dupefilter(
+            crawler.settings)
+        self._log_duplicates = crawler.settings.getbool("DUPEFILTER_DEBUG")
         self._lock = threading.Lock()  # _leased is read by the heartbeat thread
         self._outbox: deque[tuple[str, list[Any]]] = deque()  # writes Redis did not take
         self._last_len = 0
+        self._len_at: float | None = None  # when _last_len (> 0) was read from Redis
         self._acks_at_pop = None  # decided at the first pop: can completion be observed?
         self._empty_at: float | None = None  # last pop found nothing (no push here since)
         self.clock = time.monotonic
@@ -107,10 +112,18 @@ class ReliableQueue(Base):
     # ------------------------------------------------------------------ scrapy-redis API
 
     def __len__(self) -> int:
-        """Pending + leased anywhere in the fleet (+ buffered here): the fleet is done at 0."""
+        """Pending + leased anywhere in the fleet (+ buffered here): the fleet is done at 0.
+
+        A size above 0 is reused for ``FLEET_POLL_INTERVAL`` (scrapy-redis asks at every
+        idle check); a 0 never is, so a worker never closes on a stale answer."""
+        if self._len_at is not None and self.clock() - self._len_at < self.conf.poll_interval:
+            return self._last_len + len(self._outbox)
+        self._len_at = None
         try:
             pending, processing = self.link.call(self._sizes)
             self._last_len = pending + processing
+            if self._last_len > 0:
+                self._len_at = self.clock()
         except BackendUnavailable:
             self._last_len = max(self._last_len, 1)  # unknown: do not close while it is down
         return self._last_len + len(self._outbox)
@@ -143,12 +156,33 @@ class ReliableQueue(Base):
         if self._dupefilter is not None:
             key, fingerprint = self._dupefilter
             args += [key, fingerprint(request)]
-        if self._write("INTENT", args):
+        written = self._write("INTENT", args)
+        if written:
             self._intents[request] = token
             try:  # pushed or dropped in this same call stack, else abandoned
                 asyncio.get_running_loop().call_soon(self._abandoned, token)
             except RuntimeError:
                 pass
+        elif written is not None and self._drops_duplicates:
+            self._drop_duplicate(request)
+
+    def _drop_duplicate(self, request: Request) -> None:
+        """The dupefilter has seen ``request`` (the INTENT script just checked): drop it
+        here as scrapy-redis would after its own SADD, one round trip fewer per duplicate.
+        Same stat, then ``request_dropped`` once every request_scheduled handler ran."""
+        stats = self.stats
+        if stats is not None:
+            stats.inc_value("dupefilter/filtered")
+        self._inc(ad_stats.FLEET_DUPLICATES_DROPPED)
+        if self._log_duplicates:
+            logger.debug("Filtered duplicate request: %(request)s", {"request": request})
+        signal = self.crawler.signals.send_catch_log
+        try:
+            asyncio.get_running_loop().call_soon(
+                lambda: signal(signals.request_dropped, request=request, spider=self.spider))
+        except RuntimeError:
+            signal(signals.request_dropped, request=request, spider=self.spider)
+        raise IgnoreRequest("duplicate (fleet queue: the dupefilter has seen it)")
 
     def _dropped(self, request: Request, spider: Any = None) -> None:
         token = self._intents.pop(request, None)
@@ -182,7 +216,8 @@ class ReliableQueue(Base):
         if len(got) < 3:
             self._empty_at = self.clock()
             return None
-        self._empty_at = None
+        # this pop took the last pending request: the next one may wait like an empty pop
+        self._empty_at = self.clock() if int(got[5]) == 0 else None
         rid = _text(got[2])
         try:
             request = self._decode_request(got[3])
@@ -250,6 +285,7 @@ class ReliableQueue(Base):
 
     def _ack(self, rid: str) -> None:
         self._flush()
+        self._len_at = None  # the fleet's size may have reached 0 with this ack
         result = None if self._outbox else self._write("ACK", [rid, self.worker_id])
         if result is None:
             # Redis was unreachable while this request ran: the requests its callback
@@ -269,6 +305,7 @@ class ReliableQueue(Base):
 
     def _quarantine(self, rid: str, record: dict[str, Any]) -> None:
         record = {**record, "worker": self.worker_id, "at": time.time()}
+        self._len_at = None
         self.counts["quarantined"] += 1
         self._inc(ad_stats.FLEET_QUARANTINED)
         logger.error("antideadlock fleet: request %s quarantined fleet-wide: %s", rid, record)
@@ -363,6 +400,17 @@ def _link_from_server(server: Any, conf: Any, stats: Any) -> FleetLink:
                      retry_after=conf.retry_after, require=conf.require_redis, stats=stats,
                      worker=conf.worker_id, password=kwargs.get("password"),
                      username=kwargs.get("username"))
+
+
+def _plain_dupefilter(settings: Any) -> bool:
+    """scrapy-redis's RFPDupeFilter whose ``request_seen`` is its own SADD: a fingerprint
+    in its set is a request it drops, so the queue may drop it first."""
+    from scrapy.utils.misc import load_object
+    from scrapy_redis import defaults
+    from scrapy_redis.dupefilter import RFPDupeFilter
+
+    cls = load_object(settings.get("DUPEFILTER_CLASS") or defaults.SCHEDULER_DUPEFILTER_CLASS)
+    return getattr(cls, "request_seen", None) is RFPDupeFilter.request_seen
 
 
 def _dupefilter_of(settings: Any, spider: str) -> tuple[str, Any] | None:

@@ -106,7 +106,8 @@ end
 """
 
 # KEYS: the queue's keys. ARGV: worker, visibility ms, max deliveries, reclaim limit.
-# Returns {requeued, quarantined} or {requeued, quarantined, id, payload, deliveries}.
+# Returns {requeued, quarantined} or {requeued, quarantined, id, payload, deliveries,
+# pending left} (0 left: the next pop may wait like one that found nothing).
 POP = NOW + _RECLAIM + """
 while true do
   local got = redis.call('ZRANGE', KEYS[1], 0, 0)
@@ -118,7 +119,7 @@ while true do
     local n = redis.call('HINCRBY', KEYS[6], id, 1)
     redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), id)
     redis.call('HSET', KEYS[5], id, ARGV[1])
-    return {requeued, quarantined, id, payload, n}
+    return {requeued, quarantined, id, payload, n, redis.call('ZCARD', KEYS[1])}
   end
 end
 """
