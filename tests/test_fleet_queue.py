@@ -380,20 +380,53 @@ def test_visibility_shorter_than_two_heartbeats_is_refused(make_queue):
         make_queue(ANTIDEADLOCK_FLEET_VISIBILITY_TIMEOUT=0.05)
 
 
-def test_an_intent_is_removed_by_its_push(make_queue, redis_url):
-    q = make_queue()
+def test_an_intent_is_removed_by_its_push_which_goes_with_the_next_pop(make_queue,
+                                                                         redis_url):
+    q, other = make_queue("w1"), make_queue("w2")
     request = Request("http://a/1")
-    q._scheduled(request)
+    q.intents.scheduled(request)
     client = redis.Redis.from_url(redis_url)
     assert client.hlen(q.keys[9]) == 1 and client.zcard(q.keys[10]) == 1
-    q.push(request)
+    calls = q.stats.get_value("antideadlock/fleet/redis_calls")
+    q.push(request)  # batched: its intent covers it meanwhile, and counts as work
+    assert client.zcard(q.keys[0]) == 0 and len(other) == 1
+    assert q.pop().url == "http://a/1"  # pushed and popped in one round trip
+    assert q.stats.get_value("antideadlock/fleet/redis_calls") == calls + 1
     assert client.hlen(q.keys[9]) == 0 and client.zcard(q.keys[10]) == 0
-    assert q.pop().url == "http://a/1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_batched_pushes_go_in_one_round_trip_without_a_pop(make_queue, redis_url):
+    q = make_queue()
+    requests = [Request(f"http://a/{i}") for i in range(5)]
+    for request in requests:
+        q.intents.scheduled(request)
+    calls = q.stats.get_value("antideadlock/fleet/redis_calls")
+    for request in requests:
+        q.push(request)
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 5
+    while client.zcard(q.keys[0]) < 5 and time.monotonic() < deadline:
+        await deferLater(reactor, 0.01, lambda: None)
+    assert client.zcard(q.keys[0]) == 5 and client.hlen(q.keys[9]) == 0
+    assert q.stats.get_value("antideadlock/fleet/redis_calls") == calls + 1
+    assert [q.pop().url for _ in range(5)] == [r.url for r in requests]  # push order
+
+
+def test_a_batched_push_lost_with_its_worker_is_pushed_from_its_intent(make_queue):
+    a, b = make_queue("a"), make_queue("b")
+    request = Request("http://a/batched")
+    a.intents.scheduled(request)
+    a.push(request)
+    a._batch.clear()  # SIGKILLed before the batch was sent
+    assert b.pop() is None and len(b) == 1  # not done: the intent is work
+    time.sleep(0.35)
+    assert b.pop().url == "http://a/batched"
 
 
 def test_a_dead_workers_intent_is_pushed_by_the_next_pop(make_queue):
     a, b = make_queue("a"), make_queue("b")
-    a._scheduled(Request("http://a/orphan"))  # then killed: marked seen, never pushed
+    a.intents.scheduled(Request("http://a/orphan"))  # then killed: marked seen, never pushed
     assert b.pop() is None
     time.sleep(0.35)
     again = b.pop()
@@ -404,7 +437,7 @@ def test_a_dead_workers_intent_is_pushed_by_the_next_pop(make_queue):
 def test_a_late_push_after_its_intent_was_rescued_is_not_a_duplicate(make_queue, redis_url):
     a, b = make_queue("a"), make_queue("b")
     request = Request("http://a/1")
-    a._scheduled(request)
+    a.intents.scheduled(request)
     time.sleep(0.35)
     assert b.pop() is not None  # rescued from the intent
     a.push(request)  # a was only slow
@@ -417,29 +450,29 @@ async def test_a_request_the_dupefilter_has_seen_is_dropped_without_an_intent(ma
     """The INTENT script's check already says "seen": the queue drops the request as the
     dupefilter would (stat, request_dropped), sparing the dupefilter's own round trip."""
     q = make_queue()
-    key, fingerprint = q._dupefilter
+    key, fingerprint = q.intents.dupefilter
     request = Request("http://a/seen")
     redis.Redis.from_url(redis_url).sadd(key, fingerprint(request))
     dropped: list[Request] = []
     q.crawler.signals.connect(lambda request, spider: dropped.append(request),
                               signal=signals.request_dropped, weak=False)
     with pytest.raises(IgnoreRequest):
-        q._scheduled(request)
+        q.intents.scheduled(request)
     assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
     assert dropped == []  # after every request_scheduled handler ran, as Scrapy would
     await deferLater(reactor, 0, lambda: None)  # the loop's next turn
     assert dropped == [request]
     assert q.stats.get_value("dupefilter/filtered") == 1
     assert q.stats.get_value("antideadlock/fleet/duplicates_dropped") == 1
-    q._scheduled(Request("http://a/dont", dont_filter=True))
+    q.intents.scheduled(Request("http://a/dont", dont_filter=True))
     assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
 
 
 def test_a_dropped_request_leaves_no_intent(make_queue, redis_url):
     q = make_queue()
     request = Request("http://a/1")
-    q._scheduled(request)
-    q._dropped(request)
+    q.intents.scheduled(request)
+    q.intents.dropped(request)
     assert redis.Redis.from_url(redis_url).hlen(q.keys[9]) == 0
 
 
@@ -477,4 +510,8 @@ def test_an_empty_queue_is_asked_once_per_poll_interval_while_work_is_in_flight(
     idle.clock = lambda: now[0]
     assert idle.pop() is None
     other.push(Request("http://a/4"))
-    assert idle.pop().url == "http://a/4"  # nothing in flight here: never skipped
+    calls = idle.stats.get_value("antideadlock/fleet/redis_calls")
+    assert idle.pop() is None  # nothing in flight: skipped, the engine woken at the end
+    assert idle._waking and idle.stats.get_value("antideadlock/fleet/redis_calls") == calls
+    now[0] += q.conf.poll_interval + 0.001
+    assert idle.pop().url == "http://a/4"

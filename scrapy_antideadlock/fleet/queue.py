@@ -21,27 +21,26 @@ nor closes early.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import threading
 import time
-import weakref
 from collections import deque
 from typing import Any
 
 from scrapy import Request, signals
-from scrapy.exceptions import IgnoreRequest
 from scrapy_redis.queue import Base
 
-from .. import metakeys
+from .. import metakeys, timers
 from .. import settings as ad_settings
 from .. import stats as ad_stats
+from ..compat.scrapy import engine_or_none, wake_engine
 from ..context import context_for
 from ..identity import strip_credentials
 from ..origin import origins_for
 from ..primitives import BackendUnavailable
 from . import scripts
+from .intents import Intents
 from .leases import link_for
 from .link import FleetLink
 from .worker import worker_for
@@ -53,6 +52,9 @@ __all__ = ["ReliableQueue"]
 # Meta that means nothing in another process (see metakeys.PROCESS_LOCAL).
 _DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
 _RECLAIM_LIMIT = 100
+# A push whose request has an intent waits this long for company: the pushes that follow
+# and the next pop go in one round trip. A kill meanwhile loses nothing (the intents).
+_PUSH_DELAY = 0.02
 
 
 class ReliableQueue(Base):
@@ -74,18 +76,15 @@ class ReliableQueue(Base):
                          for name in ("PUSH", "POP", "ACK", "NACK", "QUARANTINE", "RECLAIM",
                                       "RENEW", "INTENT", "DROP_INTENT")}
         self._leased: dict[Request, str] = {}  # popped and not done -> id
-        self._intents: weakref.WeakKeyDictionary[Request, str] = weakref.WeakKeyDictionary()
-        self._tokens = itertools.count(1)
-        self._dupefilter = _dupefilter_of(crawler.settings, spider.name)
-        self._drops_duplicates = self._dupefilter is not None and _plain_dupefilter(
-            crawler.settings)
-        self._log_duplicates = crawler.settings.getbool("DUPEFILTER_DEBUG")
+        self.intents = Intents(self)
         self._lock = threading.Lock()  # _leased is read by the heartbeat thread
         self._outbox: deque[tuple[str, list[Any]]] = deque()  # writes Redis did not take
+        self._batch: list[Any] = []  # PUSH triples of requests with an intent, not sent yet
         self._last_len = 0
         self._len_at: float | None = None  # when _last_len (> 0) was read from Redis
         self._acks_at_pop = None  # decided at the first pop: can completion be observed?
         self._empty_at: float | None = None  # last pop found nothing (no push here since)
+        self._waking = False  # an engine wake-up is scheduled (a pop was skipped)
         self.clock = time.monotonic
         self.counts = {"popped": 0, "acked": 0, "redelivered": 0, "quarantined": 0}
         if conf.heartbeat_interval * 2 > conf.visibility_timeout:
@@ -98,8 +97,8 @@ class ReliableQueue(Base):
                            "SCHEDULER_PERSIST = True to keep them")
         origins_for(crawler).on_request_finished(self._finished)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
-        crawler.signals.connect(self._scheduled, signal=signals.request_scheduled)
-        crawler.signals.connect(self._dropped, signal=signals.request_dropped)
+        crawler.signals.connect(self.intents.scheduled, signal=signals.request_scheduled)
+        crawler.signals.connect(self.intents.dropped, signal=signals.request_dropped)
         context_for(crawler).put("fleet_queue", self)
         self.worker = worker_for(crawler, self.link)
         self.worker.add_queue(self)
@@ -117,7 +116,7 @@ class ReliableQueue(Base):
         A size above 0 is reused for ``FLEET_POLL_INTERVAL`` (scrapy-redis asks at every
         idle check); a 0 never is, so a worker never closes on a stale answer."""
         if self._len_at is not None and self.clock() - self._len_at < self.conf.poll_interval:
-            return self._last_len + len(self._outbox)
+            return self._last_len + len(self._outbox) + len(self._batch) // 3
         self._len_at = None
         try:
             pending, processing = self.link.call(self._sizes)
@@ -126,91 +125,68 @@ class ReliableQueue(Base):
                 self._len_at = self.clock()
         except BackendUnavailable:
             self._last_len = max(self._last_len, 1)  # unknown: do not close while it is down
-        return self._last_len + len(self._outbox)
+        return self._last_len + len(self._outbox) + len(self._batch) // 3
 
     def _sizes(self) -> tuple[int, int]:
         pipe = self.link.client.pipeline(transaction=False)
-        pipe.zcard(self.keys[0]).zcard(self.keys[3])
-        pending, processing = pipe.execute()
-        return int(pending), int(processing)
+        pipe.zcard(self.keys[0]).zcard(self.keys[3]).hlen(self.keys[9])
+        pending, processing, intents = pipe.execute()
+        # intents: requests marked seen and not pushed yet (any worker's batch, or a dead
+        # worker's, which the next pop past its deadline pushes): work, not done
+        return int(pending) + int(intents), int(processing)
 
     def push(self, request: Request) -> None:
         self._empty_at = None
-        args = [-request.priority, self._encode_request(request), self._intents.pop(request, "")]
+        token = self.intents.take(request)
+        args = [-request.priority, self._encode_request(request), token]
         self._flush()
-        result = None if self._outbox else self._write("PUSH", args)
-        if result is None:
-            self._buffer("PUSH", args)
+        if not (token and not self._outbox and self._defer(args)):
+            result = None if self._outbox else self._write("PUSH", args)
+            if result is None:
+                self._buffer("PUSH", args)
         self._inc(ad_stats.FLEET_PUSHED)
 
-    # ------------------------------------------------------------------ intents
+    def _defer(self, args: list[Any]) -> bool:
+        """Batch a push (its request has an intent): sent with the next pop, or after
+        ``_PUSH_DELAY`` with the pushes made meanwhile, in one round trip."""
+        if not _loop_running():
+            return False
+        if not self._batch:
+            timers.later(_PUSH_DELAY, self._send_batch)
+        self._batch += args
+        return True
 
-    def _scheduled(self, request: Request, spider: Any = None) -> None:
-        """Before the dupefilter marks ``request`` seen: record it, so a kill between that
-        mark and the push cannot lose it (the next pop after the deadline pushes it)."""
-        if request.dont_filter:
-            return  # never filtered: nothing marks it seen before the push
-        token = f"{self.worker_id}:{next(self._tokens)}"
-        args: list[Any] = [token, -request.priority, self._encode_request(request),
-                           self.visibility_ms]
-        if self._dupefilter is not None:
-            key, fingerprint = self._dupefilter
-            args += [key, fingerprint(request)]
-        written = self._write("INTENT", args)
-        if written:
-            self._intents[request] = token
-            try:  # pushed or dropped in this same call stack, else abandoned
-                asyncio.get_running_loop().call_soon(self._abandoned, token)
-            except RuntimeError:
-                pass
-        elif written is not None and self._drops_duplicates:
-            self._drop_duplicate(request)
+    def _send_batch(self) -> None:
+        args, self._batch = self._batch, []
+        if not args:
+            return
+        self._flush()
+        if self._outbox or self._write("PUSH", args) is None:
+            self._buffer_batch(args)
 
-    def _drop_duplicate(self, request: Request) -> None:
-        """The dupefilter has seen ``request`` (the INTENT script just checked): drop it
-        here as scrapy-redis would after its own SADD, one round trip fewer per duplicate.
-        Same stat, then ``request_dropped`` once every request_scheduled handler ran."""
-        stats = self.stats
-        if stats is not None:
-            stats.inc_value("dupefilter/filtered")
-        self._inc(ad_stats.FLEET_DUPLICATES_DROPPED)
-        if self._log_duplicates:
-            logger.debug("Filtered duplicate request: %(request)s", {"request": request})
-        signal = self.crawler.signals.send_catch_log
-        try:
-            asyncio.get_running_loop().call_soon(
-                lambda: signal(signals.request_dropped, request=request, spider=self.spider))
-        except RuntimeError:
-            signal(signals.request_dropped, request=request, spider=self.spider)
-        raise IgnoreRequest("duplicate (fleet queue: the dupefilter has seen it)")
-
-    def _dropped(self, request: Request, spider: Any = None) -> None:
-        token = self._intents.pop(request, None)
-        if token is not None:
-            self._write("DROP_INTENT", [token])
-
-    def _abandoned(self, token: str) -> None:
-        """Another request_scheduled handler ignored the request: forget its intent."""
-        for request, pending in list(self._intents.items()):
-            if pending == token:
-                del self._intents[request]
-                self._write("DROP_INTENT", [token])
+    def _buffer_batch(self, args: list[Any]) -> None:
+        for i in range(0, len(args), 3):
+            self._buffer("PUSH", args[i:i + 3])
 
     def pop(self, timeout: int = 0) -> Request | None:
         self._flush()
         if self._outbox:
             return None  # Redis is (still) down
-        if self._empty_at is not None and self._leased \
-                and self.clock() - self._empty_at < self.conf.poll_interval:
-            # Scrapy pops after every scheduled request, duplicates included: while this
-            # worker has requests in flight (each one's end pops again), an empty queue is
-            # asked at most once per FLEET_POLL_INTERVAL, not once per start request.
-            return None
+        if self._empty_at is not None:
+            left = self.conf.poll_interval - (self.clock() - self._empty_at)
+            # Scrapy pops after every scheduled request, duplicates included: an empty
+            # queue is asked at most once per FLEET_POLL_INTERVAL, not once per start
+            # request. With requests in flight here, each one's end pops again; without,
+            # the engine is woken when the interval ends.
+            if left > 0 and (self._leased or self._wake_in(left)):
+                return None
+        batch, self._batch = self._batch, []
         try:
             got = self.link.call(self._scripts["POP"], keys=self.keys,
                                  args=[self.worker_id, self.visibility_ms,
-                                       self.conf.max_deliveries, _RECLAIM_LIMIT])
+                                       self.conf.max_deliveries, _RECLAIM_LIMIT, *batch])
         except BackendUnavailable:
+            self._buffer_batch(batch)
             return None
         self._reclaimed(int(got[0]), int(got[1]))
         if len(got) < 3:
@@ -241,6 +217,22 @@ class ReliableQueue(Base):
         with self._lock:
             self._leased[request] = rid
         return request
+
+    def _wake_in(self, delay: float) -> bool:
+        """Have the engine look for work in ``delay`` s (else it waits for its heartbeat)."""
+        if self._waking:
+            return True
+        if not _loop_running():
+            return False
+        self._waking = True
+        timers.later(delay, self._wake)
+        return True
+
+    def _wake(self) -> None:
+        self._waking = False
+        engine = engine_or_none(self.crawler)
+        if engine is not None:
+            wake_engine(engine)
 
     def clear(self) -> None:
         """scrapy-redis calls this at close without SCHEDULER_PERSIST (and with
@@ -300,6 +292,7 @@ class ReliableQueue(Base):
             self._inc(ad_stats.FLEET_STALE_ACKS)
 
     def _give_back(self, rid: str) -> None:
+        self._empty_at = None  # it is pending again: worth a pop at once
         self._inc(ad_stats.FLEET_NACKED)
         self._write("NACK", [rid, self.worker_id])  # if Redis is down, the TTL re-delivers
 
@@ -350,6 +343,7 @@ class ReliableQueue(Base):
         return given
 
     def _spider_closed(self, spider: Any = None, reason: str = "") -> None:
+        self._send_batch()
         self._flush()
         given = self.give_back_all()
         if given:
@@ -387,6 +381,15 @@ class ReliableQueue(Base):
             self.stats.inc_value(name, count)
 
 
+def _loop_running() -> bool:
+    """Batching and skipped pops need a timer that runs (not so in plain unit use)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -400,31 +403,3 @@ def _link_from_server(server: Any, conf: Any, stats: Any) -> FleetLink:
                      retry_after=conf.retry_after, require=conf.require_redis, stats=stats,
                      worker=conf.worker_id, password=kwargs.get("password"),
                      username=kwargs.get("username"))
-
-
-def _plain_dupefilter(settings: Any) -> bool:
-    """scrapy-redis's RFPDupeFilter whose ``request_seen`` is its own SADD: a fingerprint
-    in its set is a request it drops, so the queue may drop it first."""
-    from scrapy.utils.misc import load_object
-    from scrapy_redis import defaults
-    from scrapy_redis.dupefilter import RFPDupeFilter
-
-    cls = load_object(settings.get("DUPEFILTER_CLASS") or defaults.SCHEDULER_DUPEFILTER_CLASS)
-    return getattr(cls, "request_seen", None) is RFPDupeFilter.request_seen
-
-
-def _dupefilter_of(settings: Any, spider: str) -> tuple[str, Any] | None:
-    """(Redis key, fingerprint function) of scrapy-redis's RFPDupeFilter, if that is in use.
-
-    Lets an intent skip requests the dupefilter will drop (no write for a duplicate link).
-    """
-    from scrapy.utils.misc import load_object
-    from scrapy_redis import defaults
-    from scrapy_redis.dupefilter import RFPDupeFilter
-
-    cls = load_object(settings.get("DUPEFILTER_CLASS") or defaults.SCHEDULER_DUPEFILTER_CLASS)
-    if not (isinstance(cls, type) and issubclass(cls, RFPDupeFilter)):
-        return None
-    key = (settings.get("SCHEDULER_DUPEFILTER_KEY") or defaults.SCHEDULER_DUPEFILTER_KEY) \
-        % {"spider": spider}
-    return key, cls(None, key).request_fingerprint

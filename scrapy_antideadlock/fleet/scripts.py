@@ -37,14 +37,23 @@ local function add(score, payload)
 end
 """
 
-# KEYS: the queue's keys in KEYS order. ARGV: score, payload, intent token or ''.
-# Returns the id, or 0 when the intent was already pushed by another worker's pop.
-PUSH = _ADD + """
-if ARGV[3] ~= '' then
-  if redis.call('HDEL', KEYS[10], ARGV[3]) == 0 then return 0 end
-  redis.call('ZREM', KEYS[11], ARGV[3])
+_PUSH = """
+local function push(score, payload, token)
+  if token ~= '' then
+    if redis.call('HDEL', KEYS[10], token) == 0 then return 0 end
+    redis.call('ZREM', KEYS[11], token)
+  end
+  return add(score, payload)
 end
-return add(ARGV[1], ARGV[2])
+"""
+
+# KEYS: the queue's keys in KEYS order. ARGV: score, payload, intent token or '' (one
+# triple per request, in push order). Returns the last one's id, or 0 when its intent was
+# already pushed by another worker's pop.
+PUSH = _ADD + _PUSH + """
+local id = 0
+for i = 1, #ARGV, 3 do id = push(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+return id
 """
 
 # KEYS: the queue's keys. ARGV: token, score, payload, deadline ms from now;
@@ -105,10 +114,11 @@ for _, id in ipairs(expired) do
 end
 """
 
-# KEYS: the queue's keys. ARGV: worker, visibility ms, max deliveries, reclaim limit.
-# Returns {requeued, quarantined} or {requeued, quarantined, id, payload, deliveries,
+# KEYS: the queue's keys. ARGV: worker, visibility ms, max deliveries, reclaim limit, then
+# requests to push first (triples as PUSH's). Returns {requeued, quarantined} or {requeued, quarantined, id, payload, deliveries,
 # pending left} (0 left: the next pop may wait like one that found nothing).
-POP = NOW + _RECLAIM + """
+POP = NOW + _RECLAIM + _PUSH + """
+for i = 5, #ARGV, 3 do push(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 while true do
   local got = redis.call('ZRANGE', KEYS[1], 0, 0)
   if #got == 0 then return {requeued, quarantined} end
