@@ -10,7 +10,7 @@ speed drifts too much between back-to-back runs for sequential pairs to resolve 
 percent. The figure is the median of the paired ratios of items/min (items over the
 crawl's wall time). Rows per commit is the pipeline's group commit at this concurrency.
 
-    python -m bench.pipeline_crawl [--pairs 3] [--pages 50] [--dsn DSN]
+    python -m bench.pipeline_crawl [--pairs 7] [--pages 50] [--dsn DSN]
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ and :func:`soon`. The first two are built on Twisted's ``reactor.callLater``: it
 under every reactor Scrapy supports (on the asyncio reactor it is the asyncio loop's own
 timer), so one code path serves them all. :func:`soon` is for work done once per loop
 turn at a high rate: on a running asyncio loop it is ``loop.call_soon``, which skips
-Twisted's timer bookkeeping (a ``DelayedCall`` sorted into a heap that, in a broad crawl,
-holds a connection-pool timer per host). Work that must happen while the loop is blocked (a hard-exit
-deadline, a liveness ping) cannot run here: it belongs on the loop monitor's thread
-(``LoopMonitor.add_periodic`` / ``add_deadline``). The asyncio primitives in
-``primitives/`` stay on ``loop.call_later``: they are free of Scrapy and Twisted.
+Twisted's timer bookkeeping (a ``DelayedCall`` sorted into a heap that, in a broad
+crawl, holds a connection-pool timer per host). Work that must happen while the loop is
+blocked (a hard-exit deadline, a liveness ping) cannot run here: it belongs on the loop
+monitor's thread (``LoopMonitor.add_periodic`` / ``add_deadline``). The asyncio
+primitives in ``primitives/`` stay on ``loop.call_later``: they are free of Scrapy and
+Twisted.
 """
 
 from __future__ import annotations
