@@ -34,8 +34,11 @@ class Intents:
     def __init__(self, queue: ReliableQueue) -> None:
         self.queue = queue
         settings = queue.crawler.settings
-        self.dupefilter = _dupefilter_of(settings, queue.spider.name)
-        self.drops_duplicates = self.dupefilter is not None and _plain_dupefilter(settings)
+        found = _dupefilter_of(settings, queue.spider.name)
+        self.dupefilter = found[:2] if found is not None else None
+        # scrapy-redis's own request_seen (its SADD): a fingerprint in its set is a request
+        # it drops, so the queue may drop it first
+        self.drops_duplicates = found is not None and found[2]
         self._log_duplicates = settings.getbool("DUPEFILTER_DEBUG")
         self._pending: weakref.WeakKeyDictionary[Request, str] = weakref.WeakKeyDictionary()
         self._tokens = itertools.count(1)
@@ -97,19 +100,9 @@ class Intents:
                 self.queue._write("DROP_INTENT", [token])
 
 
-def _plain_dupefilter(settings: Any) -> bool:
-    """scrapy-redis's RFPDupeFilter whose ``request_seen`` is its own SADD: a fingerprint
-    in its set is a request it drops, so the queue may drop it first."""
-    from scrapy.utils.misc import load_object
-    from scrapy_redis import defaults
-    from scrapy_redis.dupefilter import RFPDupeFilter
-
-    cls = load_object(settings.get("DUPEFILTER_CLASS") or defaults.SCHEDULER_DUPEFILTER_CLASS)
-    return getattr(cls, "request_seen", None) is RFPDupeFilter.request_seen
-
-
-def _dupefilter_of(settings: Any, spider: str) -> tuple[str, Any] | None:
-    """(Redis key, fingerprint function) of scrapy-redis's RFPDupeFilter, if that is in use.
+def _dupefilter_of(settings: Any, spider: str) -> tuple[str, Any, bool] | None:
+    """(Redis key, fingerprint function, whether ``request_seen`` is its own) of
+    scrapy-redis's RFPDupeFilter, if that (or a subclass) is in use.
 
     Lets an intent skip requests the dupefilter will drop (no write for a duplicate link).
     """
@@ -122,4 +115,5 @@ def _dupefilter_of(settings: Any, spider: str) -> tuple[str, Any] | None:
         return None
     key = (settings.get("SCHEDULER_DUPEFILTER_KEY") or defaults.SCHEDULER_DUPEFILTER_KEY) \
         % {"spider": spider}
-    return key, cls(None, key).request_fingerprint
+    own = getattr(cls, "request_seen", None) is RFPDupeFilter.request_seen
+    return key, cls(None, key).request_fingerprint, own
