@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from scrapy import Request
+from scrapy.core.downloader.handlers.http11 import HTTP11DownloadHandler
 
 from scrapy_antideadlock.compat.downloader import downloader_of
 from scrapy_antideadlock.context import context_for
@@ -114,6 +115,49 @@ async def test_hang_and_drip_fail_at_adaptive_deadline(make_fault_site) -> None:
     assert stats["antideadlock/deadline/retries"] == 2 + own
     assert stats["antideadlock/deadline/gave_up"] == 2
     assert stats["antideadlock/deadline/timeout/127.0.0.1"] < 5.0  # adaptive, not INITIAL
+    assert_nothing_held(result)
+
+
+class UsersOwnHandler(HTTP11DownloadHandler):
+    """A handler of the user's (not one of Scrapy's): the guard cannot know it unwinds at
+    once when cancelled, so its transfers keep a task of the guard's own."""
+
+
+@pytest.mark.parametrize("wrapped", [None, f"{__name__}.UsersOwnHandler"])
+@pytest_twisted.ensureDeferred
+async def test_scrapys_handler_runs_inline_and_is_still_cut(make_fault_site,
+                                                             wrapped: str | None) -> None:
+    # Every task created for a handler's download_request is counted: a transfer by
+    # Scrapy's handler runs in Scrapy's own task (only a hedge gets one), a user's handler
+    # in one of the guard's. Either way the hung transfer is cut at its deadline and
+    # reaches process_exception as an ordinary DeadlineExceeded, and the crawl goes on.
+    site = make_fault_site(pages=2, items_per_page=10)
+    site.add_fault("/item/k00007", Fault.hang())
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+    previous = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        if getattr(coro, "__qualname__", "").endswith(".download_request"):
+            made.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    extra = {} if wrapped is None else {"DEADLINE_WRAPPED_HANDLERS": {"http": wrapped}}
+    loop.set_task_factory(counting)
+    try:
+        result = await run_crawl(CapturingSpider, settings(**extra), timeout=45,
+                                 start_url=site.start_url)
+    finally:
+        loop.set_task_factory(previous)
+    assert result.finished
+    assert set(result.keys()) == set(site.item_keys()) - {"k00007"}
+    [(url, exc)] = result.crawler.spider.errors
+    assert url.endswith("k00007") and isinstance(exc, DeadlineExceeded)
+    stats = result.stats
+    hedges = stats.get("antideadlock/deadline/hedges", 0)
+    downloads = stats["downloader/request_count"]
+    assert downloads >= 23  # 2 listings + 20 items + the hung one's retry
+    assert len(made) == (hedges if wrapped is None else downloads + hedges), made[:3]
     assert_nothing_held(result)
 
 

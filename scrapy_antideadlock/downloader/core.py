@@ -8,7 +8,8 @@ request with its deadline before the downloader slot queue; the handler takes th
 proxy lease *after* the queue (so no lease is held while queued), runs the transfer in
 its own task and turns a cancel or a missed deadline into an ordinary exception.
 
-Cost when nothing is wrong: per request one task and one future for the transfer;
+Cost when nothing is wrong: no task or future of its own for a transfer by one of Scrapy's
+handlers (:func:`.transfer.inline`), one of each for other handlers;
 deadlines are enforced by one periodic check (DEADLINE_TICK) over the requests in
 flight, not by a timer per request, and per-request counters reach the stats there.
 """
@@ -32,7 +33,7 @@ from ..identity import request_id
 from .inflight import InFlightDownload, InFlightTracker
 from .leasing import ProxyLeasing
 from .policy import DeadlinePolicy
-from .transfer import may_hedge, transfer
+from .transfer import may_hedge, start_copy, transfer
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -252,18 +253,11 @@ class DownloadGuard:
                 self.hedging -= 1
             self.inflight.finish(request)
 
-    @staticmethod
-    def _wake(entry: InFlightDownload) -> None:
-        waker = entry.waker
-        if waker is not None and not waker.done():
-            waker.set_result(None)
-
     def _expire(self, entry: InFlightDownload) -> None:
         """The transfer's deadline passed: wake its handler, which raises DeadlineExceeded."""
-        waker = entry.waker
-        if waker is not None and not waker.done():
+        if entry.waker is not None and not entry.waker.done() or entry.task is not None:
             entry.cancel_exc = self.exceeded(entry, "transfer")
-            waker.set_result(None)
+            entry.wake()
 
     def _tighten(self, entry: InFlightDownload) -> None:
         """A deadline given while the slot was cold (DEADLINE_INITIAL, or the user's own
@@ -343,7 +337,10 @@ class DownloadGuard:
                         self.lend_cap and may_hedge(entry) and not self._paced(entry):
                     entry.hedge = "asked"
                     self.hedging += 1
-                    self._wake(entry)
+                    if entry.task is not None:  # inline: no handler of ours waits to start it
+                        start_copy(self, entry)
+                    else:
+                        entry.wake()
         pool = self.leasing.pool
         if pool is not None:
             pool.sweep(now)

@@ -44,10 +44,31 @@ class InFlightDownload:
     lease: Lease | None = None
     cancel_exc: DownloadCancelled | None = None
     waker: asyncio.Future[None] | None = None
+    task: asyncio.Task[Any] | None = None  # the task running the transfer inline (transfer.py)
+    interrupted: bool = False  # ``task`` was interrupted by :meth:`wake`
+    handler: Any = None  # the wrapped handler of an inline transfer (starts its hedge)
+    copy: asyncio.Task[Any] | None = None  # an inline transfer's hedge
     lent: Any = None  # the downloader slot whose concurrency this transfer lent, or True
     hedge: str | None = None  # None | "asked" | "running" | "won": a second copy of the transfer
     hedge_started: float | None = None  # when the second copy started
     provisional: bool = False  # given while its slot was cold: tightened once it is warm
+
+    def wake(self) -> bool:
+        """Wake the handler waiting on this request (to raise ``cancel_exc``, or to take a
+        hedge's answer): resolve its waker, or interrupt the task running its transfer
+        inline. False when nothing waits (still queued, or in a middleware after ours)."""
+        waker = self.waker
+        if waker is not None:
+            if not waker.done():
+                waker.set_result(None)
+            return True
+        task = self.task
+        if task is not None:
+            if not self.interrupted:
+                self.interrupted = True
+                task.cancel()  # safe: the task is suspended inside transfer.inline's await
+            return True
+        return False
 
 
 class InFlightTracker:
@@ -99,9 +120,8 @@ class InFlightTracker:
         logger.debug("cancelling %s (%s): %s", describe(request), entry.stage, entry.cancel_exc)
         guard.crawler.signals.send_catch_log(ad_signals.download_cancelled, request=request,
                                              reason=str(entry.cancel_exc))
-        if entry.waker is not None and not entry.waker.done():
-            entry.waker.set_result(None)  # the handler wakes and raises cancel_exc
-        elif entry.stage == "queued" and guard.remove_from_slot_queue(entry):
+        # wake the handler, which raises cancel_exc; or fail the request still queued
+        if not entry.wake() and entry.stage == "queued" and guard.remove_from_slot_queue(entry):
             self.finish(request)
         # else: still in a middleware after ours; the handler raises cancel_exc on arrival
         return True
