@@ -76,7 +76,10 @@ BLOCKS: dict[str, list[tuple[str, str, str]]] = {
          "tail.hang_plain_no_item_10s_finish_ratio", "—"),
         ("1 % hang: items lost, plain + CLOSESPIDER_TIMEOUT_NO_ITEM",
          "tail.hang_plain_no_item_10s_lost", "—"),
-        ("guard CPU per download (no network)", "overhead.guard_us_per_request", "small"),
+        ("guard CPU per download (no network), Scrapy's handler", "overhead.guard_us_per_request",
+         "small"),
+        ("guard CPU per download (no network), a user's handler",
+         "overhead.guard_us_per_request_task", "small"),
     ],
     "pipeline": [
         ("pack engine / naive per-item autocommit (4 writers, same item count)",

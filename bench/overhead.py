@@ -11,7 +11,7 @@ shared VM the same crawl's CPU time drifts by a fifth between back-to-back runs,
 sequential pairs cannot tell from a few percent of overhead; the concurrent plain vs
 plain pairs (``cpu_ratio_aa``) show how far the method itself can be trusted.
 
-    python -m bench.overhead [--pairs 5] [--concurrent 7] [--pages 50]
+    python -m bench.overhead [--pairs 5] [--concurrent 9] [--pages 50]
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ from .common import ADDON_PACK, SiteProcess, load_line, run_child, run_side_by_s
 BASE = {"CONCURRENT_REQUESTS": 16, "CONCURRENT_REQUESTS_PER_DOMAIN": 16}
 
 
-def added_cpu_per_request(n: int = 20000) -> float:
-    """CPU seconds the middleware + guard add to one download (no network; load-robust)."""
+def added_cpu_per_request(n: int = 20000, inline: bool = True) -> float:
+    """CPU seconds the middleware + guard add to one download (no network; load-robust).
+
+    ``inline``: the transfer runs in the calling task, as Scrapy's own handlers' do (the
+    stand-in handler says it unwinds on cancel); else in a task of the guard's, as a
+    user's handler does."""
     import asyncio
 
     from scrapy import Request
@@ -37,6 +41,8 @@ def added_cpu_per_request(n: int = 20000) -> float:
     from scrapy_antideadlock.downloader import DeadlineMiddleware, guard_for
 
     class Inner:
+        antideadlock_unwinds_on_cancel = inline
+
         async def download_request(self, request: Request) -> HtmlResponse:
             return HtmlResponse(request.url, body=b"<html></html>", request=request)
 
@@ -99,7 +105,7 @@ def ratios(reports: dict[str, list[dict]], key: str, a: str = "addon",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pairs", type=int, default=5)
-    parser.add_argument("--concurrent", type=int, default=7,
+    parser.add_argument("--concurrent", type=int, default=9,
                         help="concurrent pinned pairs for the CPU ratio (0: none)")
     parser.add_argument("--pages", type=int, default=50, help="listings of 100 items")
     args = parser.parse_args()
@@ -125,7 +131,7 @@ def main() -> None:
     print("paired cpu ratios: ", " ".join(f"{r:.3f}" for r in cpu))
     print("concurrent cpu ratios, add-on:", " ".join(f"{r:.3f}" for r in together))
     print("concurrent cpu ratios, plain/plain:", " ".join(f"{r:.3f}" for r in aa))
-    added = added_cpu_per_request()
+    added, added_task = added_cpu_per_request(), added_cpu_per_request(inline=False)
     per_page = statistics.median(r["cpu"] for r in reports["plain"]) / (args.pages * 101)
     n = args.pages * 100
     print(f"RESULT overhead.wall_ratio {statistics.median(wall):.3f} ratio "
@@ -143,7 +149,9 @@ def main() -> None:
           f"# add-on / plain crawler CPU, sequential pairs (median of {args.pairs})")
     print(f"RESULT overhead.guard_us_per_request {added * 1e6:.1f} us "
           f"# CPU the deadline middleware + guard add per download, no network "
-          f"({added / per_page:.1%} of plain Scrapy's CPU per page)")
+          f"({added / per_page:.1%} of plain Scrapy's CPU per page), Scrapy's own handler")
+    print(f"RESULT overhead.guard_us_per_request_task {added_task * 1e6:.1f} us "
+          f"# the same for a user's handler (a task of the guard's per transfer)")
 
 
 if __name__ == "__main__":

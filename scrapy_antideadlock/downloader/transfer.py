@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 HEDGE_METHODS = frozenset({"GET", "HEAD"})
 _SCRAPY_HANDLERS = "scrapy.core.downloader.handlers."
+#: A handler class attribute: True runs its transfers inline, False in a task of ours.
+UNWINDS_ATTRIBUTE = "antideadlock_unwinds_on_cancel"
 _unwinds: dict[type, bool] = {}
 
 
@@ -51,12 +53,15 @@ def may_hedge(entry: InFlightDownload) -> bool:
 
 
 def runs_inline(handler: Any) -> bool:
-    """Whether ``handler`` is one of Scrapy's own, known to unwind at once when cancelled
-    (a user's handler may not: it keeps the task of ours, abandoned after CANCEL_GRACE)."""
+    """Whether ``handler`` unwinds at once when cancelled: one of Scrapy's own, or a class
+    that says so (``antideadlock_unwinds_on_cancel = True``). Any other keeps the task of
+    ours, abandoned DEADLINE_CANCEL_GRACE after a cancel if it has not unwound by then."""
     cls = type(handler)
     found = _unwinds.get(cls)
     if found is None:
-        found = _unwinds[cls] = cls.__module__.startswith(_SCRAPY_HANDLERS)
+        said = getattr(cls, UNWINDS_ATTRIBUTE, None)
+        found = _unwinds[cls] = (cls.__module__.startswith(_SCRAPY_HANDLERS) if said is None
+                                 else bool(said))
     return found
 
 
@@ -188,7 +193,7 @@ def _answer_after_interrupt(guard: DownloadGuard, entry: InFlightDownload,
         return copy.result()
     exc = entry.cancel_exc
     assert exc is not None
-    raise exc
+    raise exc from None  # not "during handling of CancelledError": ours, taken back
 
 
 def _uncancel(task: asyncio.Task[Any]) -> int:
