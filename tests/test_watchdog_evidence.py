@@ -148,3 +148,39 @@ def test_diagnosis_is_its_own_json() -> None:
     data = json.loads(json.dumps(diag))
     assert data["class"] == "deadlock" and data["culprit"]["function"] == "f"
     assert data["units"][0]["wait_kind"] == "primitive" and diag.get("cycle") is None
+
+
+# ---------------------------------------------------------------------- request flow
+
+
+class _Spider:
+    def parse(self, response: Any) -> None: ...
+
+    def parse_item(self, response: Any) -> None: ...
+
+
+def test_request_flow_counts_callbacks_in_the_window_and_keeps_nothing_of_the_request(
+        ) -> None:
+    import gc
+    import time
+    import weakref
+
+    from scrapy import Request
+
+    from scrapy_antideadlock.watchdog.meter import RequestFlow
+
+    flow = RequestFlow(size=8)
+    spider = _Spider()
+    for i in range(12):  # wraps the ring: only the last 8 are kept
+        callback = spider.parse if i % 3 else spider.parse_item
+        flow.scheduled(Request(f"http://example.invalid/{i}", callback=callback,
+                               dont_filter=i >= 10))
+    counts = {c.function: (n, r) for c, n, r in flow.requesters(60.0, time.monotonic())}
+    # i = 4..11: parse_item for 6 and 9, parse for the other six (10 and 11 dont_filter)
+    assert counts == {"parse": (6, 2), "parse_item": (2, 0)}
+    assert flow.requesters(60.0, time.monotonic() + 120) == []  # all outside the window
+    # the requests' bound methods (and so the spider) are not kept alive by the flow
+    ref = weakref.ref(spider)
+    del spider, callback
+    gc.collect()
+    assert ref() is None

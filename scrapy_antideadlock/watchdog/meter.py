@@ -8,7 +8,6 @@ fixed by setting, or adaptive: p99 of request durations x MULTIPLIER + BUFFER, c
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any
 
 from ..settings import SettingError
@@ -77,22 +76,40 @@ def stall_window(cfg: Any, p99: float | None, samples: int, slot_delay: float,
 
 
 class RequestFlow:
-    """Recently scheduled requests: which callback keeps asking for pages (livelock evidence)."""
+    """Recently scheduled requests: which callback keeps asking for pages (livelock evidence).
+
+    A ring of the last ``size`` requests in three flat arrays, not a deque of tuples: a
+    tuple holding a callback is one more object for the garbage collector to walk per
+    request kept (thousands in any crawl), and the callback is kept as its function, not
+    the request's bound method, so nothing of the request outlives it here. Read from
+    any thread: a write racing the read can only change one entry.
+    """
 
     def __init__(self, size: int = 4096) -> None:
-        self._seen: deque[tuple[float, Any, bool]] = deque(maxlen=size)
+        self._size = size
+        self._when = [float("-inf")] * size
+        self._callback: list[Any] = [None] * size
+        self._repeat = bytearray(size)
+        self._next = 0
 
     def scheduled(self, request: Any) -> None:
-        self._seen.append((time.monotonic(), request.callback, request.dont_filter))
+        i = self._next
+        callback = request.callback
+        self._when[i] = time.monotonic()
+        self._callback[i] = getattr(callback, "__func__", callback)
+        self._repeat[i] = request.dont_filter
+        self._next = i + 1 if i + 1 < self._size else 0
 
     def requesters(self, window: float, now: float) -> list[tuple[Culprit, int, int]]:
         """(callback, requests, dont_filter requests) over the last ``window`` seconds."""
         counts: dict[Any, list[int]] = {}
-        for when, callback, repeat in list(self._seen):
-            if when >= now - window and callback is not None:
-                entry = counts.setdefault(getattr(callback, "__func__", callback), [0, 0])
+        since = now - window
+        for when, fn, repeat in zip(list(self._when), list(self._callback),
+                                    bytes(self._repeat), strict=True):
+            if when >= since and fn is not None:
+                entry = counts.setdefault(fn, [0, 0])
                 entry[0] += 1
-                entry[1] += int(repeat)
+                entry[1] += repeat
         out = []
         for fn, (count, repeats) in counts.items():
             culprit = culprit_of_callable(fn)
