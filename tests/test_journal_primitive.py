@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import pytest
 
 from scrapy_antideadlock.primitives.journal import Journal, JournalLocked, read_pending
+from scrapy_antideadlock.primitives.journal_format import read_state
 
 
 def _payload(n: int) -> dict:
@@ -169,3 +172,170 @@ def test_crash_during_compaction_leaves_a_complete_journal(tmp_path):
     (tmp_path / "journal.jsonl.tmp").write_bytes(b'{"t":"s","k":"zz","fp":"x","r":null}\n{"t')
     state = Journal(tmp_path).open()
     assert list(state.pending) == ["b"] and state.seen == {"fa"}
+
+
+# ---------------------------------------------------------------- batches (autoflush=False)
+
+def _lines(directory) -> list[dict]:
+    return [json.loads(line) for line in (directory / "journal.jsonl").read_bytes().splitlines()]
+
+
+def test_scheduled_and_done_in_one_window_writes_only_the_done_line(tmp_path):
+    journal = Journal(tmp_path, autoflush=False)
+    journal.open()
+    journal.scheduled("a", "fa", _payload(1))
+    journal.scheduled("b", "fb", _payload(2))
+    journal.scheduled("b", "fb", {"url": "http://x/2-retried"})  # the first "b" is elided
+    assert journal.done("a")
+    journal.flush()
+    assert _lines(tmp_path) == [
+        {"t": "b", "n": 2},
+        {"t": "s", "k": "b", "fp": "fb", "r": {"url": "http://x/2-retried"}},
+        {"t": "d", "k": "a", "fp": "fa"}]
+    assert journal.counters["elided"] == 2 and journal.counters["scheduled"] == 3
+    journal.close()
+    state = Journal(tmp_path).open()
+    assert list(state.pending) == ["b"] and state.seen == {"fa"}  # a's fp survives a resume
+
+
+def test_a_record_flushed_before_done_is_kept_and_the_done_follows(tmp_path):
+    journal = Journal(tmp_path, autoflush=False)
+    journal.open()
+    journal.scheduled("a", "fa", _payload(1))
+    journal.flush()
+    assert journal._live > 0
+    assert journal.done("a")
+    journal.flush()
+    assert [r["t"] for r in _lines(tmp_path)] == ["s", "d"]  # no elision: no header
+    assert journal.counters["elided"] == 0 and journal._live == 0
+    for n in range(5):  # the compaction trigger counts written pending lines only
+        journal.scheduled(f"k{n}", f"f{n}", _payload(n))
+    assert journal._live == 0
+    journal.flush()
+    assert journal._live == sum(len(json.dumps(r, separators=(",", ":"))) + 1
+                                for r in _lines(tmp_path)[2:])
+    journal.close()
+
+
+def _simulated_crawl(journal: Journal, seed: int) -> dict[str, list[str]]:
+    """A crawl of a random request tree with random flushes: a child is scheduled while its
+    parent's callback runs, i.e. before the parent's done; returns parent -> children."""
+    rng = random.Random(seed)
+    children: dict[str, list[str]] = {"r": []}
+    journal.scheduled("r", "f-r", _payload(0))
+    running: list[str] = ["r"]
+    made = 1
+    while running:
+        key = running.pop(rng.randrange(len(running)))
+        fanout = 10 if key == "r" else rng.choice((0, 1, 2, 3))
+        for _ in range(fanout if made < 200 else 0):
+            child = f"k{made}"
+            made += 1
+            children[key].append(child)
+            children[child] = []
+            journal.scheduled(child, f"f-{child}", _payload(made))
+            running.append(child)
+        assert journal.done(key)
+        if rng.random() < 0.15:
+            journal.flush()
+    return children
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_prefix_of_the_file_replays_consistently(tmp_path, seed):
+    """A crash can leave any prefix of what was written (a write cut short included): the
+    replay must never hold a request done whose child is neither pending nor done, while
+    batches elide records and write a child's only line (its done) after its parent's."""
+    journal = Journal(tmp_path / "j", autoflush=False)
+    journal.open()
+    children = _simulated_crawl(journal, seed)
+    journal.flush()
+    assert journal.counters["elided"] > 20
+    data = (tmp_path / "j" / "journal.jsonl").read_bytes()
+    journal.close()
+    cuts = {0, len(data)}
+    for end in (i + 1 for i, byte in enumerate(data) if byte == ord("\n")):
+        cuts |= {end, end - 7}
+    probe = tmp_path / "probe.jsonl"
+    for cut in sorted(cuts):
+        probe.write_bytes(data[:cut])
+        state = read_state(probe)
+        done = {key for key in children if f"f-{key}" in state.seen} - set(state.pending)
+        for key in done:
+            lost = [c for c in children[key] if c not in state.pending and c not in done]
+            assert not lost, f"cut at {cut}: {key} done, its children {lost} lost"
+        if cut == len(data):
+            assert not state.pending and done == set(children)
+
+
+def test_a_crash_loses_only_the_unflushed_window(tmp_path):
+    journal = Journal(tmp_path, autoflush=False)
+    journal.open()
+    journal.scheduled("a", "fa", _payload(1))
+    journal.scheduled("b", "fb", _payload(2))
+    journal.flush()
+    journal.done("a")
+    journal.scheduled("c", "fc", _payload(3))  # buffered only: lost with the process
+    os.close(journal._fd)  # a crash: no flush, no close
+    os.close(journal._lock_fd)
+    state = Journal(tmp_path).open()
+    assert list(state.pending) == ["a", "b"] and state.seen == set()  # a is re-crawled
+
+
+def _repair_meta(payload: dict) -> tuple[dict | None, str, str]:
+    return {**payload, "meta": {"x": sorted(payload["meta"]["x"])}}, "", ""
+
+
+def _give_up(payload: dict) -> tuple[dict | None, str, str]:
+    return None, "http://x/clean", "TypeError: no"
+
+
+def _raise(payload: dict) -> tuple[dict | None, str, str]:
+    raise RuntimeError("hook failed")
+
+
+@pytest.mark.parametrize("autoflush", [False, True])
+def test_unencodable_payload_is_repaired_when_written(tmp_path, autoflush):
+    bad = {"url": "http://user:pw@x/1", "meta": {"x": {3, 1, 2}}}  # a set: not JSON
+    records = {}
+    for name, repair in (("fixed", _repair_meta), ("gave_up", _give_up), ("raised", _raise),
+                         ("no_hook", None)):
+        journal = Journal(tmp_path / name, autoflush=autoflush, repair=repair)
+        journal.open()
+        journal.scheduled("k", "fp", {**bad, "meta": dict(bad["meta"])})
+        journal.flush()  # never raises
+        journal.close()
+        records[name] = read_state(tmp_path / name / "journal.jsonl").pending["k"]
+    assert records["fixed"]["r"] == {"url": "http://user:pw@x/1", "meta": {"x": [1, 2, 3]}}
+    assert records["gave_up"] == {"t": "s", "k": "k", "fp": "fp", "r": None,
+                                  "u": "http://x/clean", "e": "TypeError: no"}
+    assert records["raised"]["r"] is None and "hook failed" in records["raised"]["e"]
+    assert records["no_hook"]["r"] is None and "set" in records["no_hook"]["e"]
+    assert "u" not in records["no_hook"]  # the primitive never writes a URL it was not given
+
+
+def test_compaction_writes_pending_records_not_encoded_yet(tmp_path):
+    journal = Journal(tmp_path, autoflush=False, compact_min_bytes=1, compact_ratio=1e9)
+    journal.open()
+    for n in range(20):
+        journal.scheduled(f"k{n}", f"f{n}", _payload(n))
+    journal.flush()
+    for n in range(20, 40):  # buffered, not encoded
+        journal.scheduled(f"k{n}", f"f{n}", _payload(n))
+    for n in range(0, 40, 2):
+        journal.done(f"k{n}")
+    journal.compact()
+    assert journal.buffered == 0
+    journal.scheduled("k40", "f40", _payload(40))
+    journal.done("k39")
+    journal.flush()
+    expected = [f"k{n}" for n in range(39) if n % 2] + ["k40"]
+    assert journal.pending_keys() == expected
+    assert journal._live == sum(len(line) + 1 for line in (tmp_path / "journal.jsonl")
+                                .read_bytes().splitlines()
+                                if json.loads(line).get("k") in expected)  # k39's: done
+    journal.close()
+    state = Journal(tmp_path).open()
+    assert list(state.pending) == expected
+    assert state.pending["k21"]["r"] == _payload(21)
+    assert state.seen == {f"f{n}" for n in range(0, 40, 2)} | {"f39"}

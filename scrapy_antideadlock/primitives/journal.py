@@ -3,10 +3,18 @@
 Each request is recorded when it is *scheduled* and marked *done* only after its
 callback finished and its items were stored. The file is append-only JSONL, written
 with one ``os.write`` per batch on an ``O_APPEND`` descriptor (``autoflush``: per
-record; else the caller flushes, e.g. once per event-loop turn), so a crash (SIGKILL,
+record; else the caller flushes, e.g. once per flush window), so a crash (SIGKILL,
 ``os._exit``, power loss) can only lose a suffix of the records: a child request is
-always appended before its parent's "done", so losing a suffix re-crawls, never loses. Replay = scheduled - done, in append order (a key
-scheduled again after "done" is pending again).
+always appended before its parent's "done", so losing a suffix re-crawls, never loses.
+Replay = scheduled - done, in append order (a key scheduled again after "done" is
+pending again).
+
+Batches (``autoflush=False``) are cheap for short-lived requests: a "scheduled" record
+is JSON-encoded only when the batch is written, and not written at all if its request
+was done (or scheduled again) before that; only the "done" line is. Such a batch no
+longer holds each request's lines in append order, so it starts with a header giving
+its line count, and a batch cut short by a crash has its "done" lines ignored on
+reading: its requests stay pending (a re-crawl), none goes missing.
 
 Records (one JSON object per line, field ``t`` is the type)::
 
@@ -14,6 +22,7 @@ Records (one JSON object per line, field ``t`` is the type)::
     {"t": "d", "k": key, "fp": fingerprint}
     {"t": "seen", "fps": [fingerprint, ...]}     # done fingerprints kept by compaction
     {"t": "m", ...}                              # markers (e.g. clean close beside JOBDIR)
+    {"t": "b", "n": lines}                       # a batch that elided records follows
 
 Growth is bounded by compaction: the pending records and the done fingerprints are
 rewritten to a temporary file, fsynced and renamed over the journal (then the
@@ -27,15 +36,23 @@ No Scrapy import: payloads are plain dicts (``Request.to_dict()`` on the Scrapy 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .filelock import lock_exclusive
+from .journal_format import (
+    Record,
+    Repair,
+    ReplayState,
+    batch_header,
+    done_line,
+    encode,
+    read_state,
+    record_line,
+)
 
 __all__ = ["Journal", "JournalError", "JournalLocked", "ReplayState", "FSYNC_POLICIES"]
 
@@ -57,17 +74,6 @@ class JournalLocked(JournalError):
                          f"(waited {timeout:.1f}s); is another crawl using this directory?")
 
 
-@dataclass
-class ReplayState:
-    """What a previous run left: pending records (in first-scheduled order) and markers."""
-
-    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)  # fingerprints of done requests
-    markers: list[dict[str, Any]] = field(default_factory=list)
-    records: int = 0
-    torn: int = 0  # unreadable lines skipped (a torn tail after a crash)
-
-
 class Journal:
     """An append-only request journal in ``directory`` (created if missing).
 
@@ -77,7 +83,8 @@ class Journal:
     def __init__(self, directory: str | os.PathLike[str], *, fsync: str = "interval",
                  fsync_interval: float = 1.0, lock_timeout: float = 10.0,
                  compact_min_bytes: int = 4 << 20, compact_ratio: float = 4.0,
-                 keep_seen: bool = True, autoflush: bool = True) -> None:
+                 keep_seen: bool = True, autoflush: bool = True,
+                 repair: Repair | None = None) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         self.directory = Path(directory)
@@ -89,19 +96,20 @@ class Journal:
         self.compact_ratio = compact_ratio
         self.keep_seen = keep_seen
         # autoflush=False: records wait in memory until flush() (the caller flushes once per
-        # event-loop turn). Losing that buffer in a crash loses a suffix: a re-crawl only.
+        # window). Losing that buffer in a crash loses a suffix: a re-crawl only.
         self.autoflush = autoflush or fsync == "always"
-        self._buffer: list[bytes] = []
+        self.repair = repair  # for a payload JSON cannot hold (journal_format.record_line)
+        self._buffer: list[bytes | Record] = []
         self._fd: int | None = None
         self._lock_fd: int | None = None
-        self._pending: dict[str, bytes] = {}  # key -> encoded "s" line (latest)
-        self._pending_fp: dict[str, str] = {}
-        self._live = 0  # bytes of the pending lines (compaction trigger, kept incrementally)
+        self._pending: dict[str, Record] = {}  # key -> latest "s" record
+        self._live = 0  # bytes of the written pending lines (compaction trigger, incremental)
         self._seen: set[str] = set()
         self._size = 0
         self._unsynced = False
         self._last_sync = time.monotonic()
-        self.counters = {"scheduled": 0, "done": 0, "compactions": 0, "fsyncs": 0}
+        self.counters = {"scheduled": 0, "done": 0, "elided": 0, "compactions": 0,
+                         "fsyncs": 0}
 
     # ------------------------------------------------------------------ open / close
 
@@ -111,8 +119,7 @@ class Journal:
         self._lock_fd = self._acquire_lock()
         try:
             state = self._read()
-            for key, record in state.pending.items():
-                self._set_pending(key, _encode(record), record.get("fp", ""))
+            self._pending = {key: Record.from_dict(r) for key, r in state.pending.items()}
             self._seen = set(state.seen) if self.keep_seen else set()
             # Markers speak to the next start only (e.g. "JOBDIR holds these"): once read,
             # they are dropped, so a crash of this run cannot make the next one trust them.
@@ -140,50 +147,76 @@ class Journal:
 
     def scheduled(self, key: str, fp: str, payload: dict[str, Any] | None, *,
                   url: str = "", error: str = "") -> None:
-        """Record that ``key`` was scheduled; ``payload`` None = cannot be replayed."""
-        record: dict[str, Any] = {"t": "s", "k": key, "fp": fp, "r": payload}
-        if url:
-            record["u"] = url
-        if error:
-            record["e"] = error
-        line = _encode(record)
-        self._append(line)
-        self._set_pending(key, line, fp)
+        """Record that ``key`` was scheduled; ``payload`` None = cannot be replayed.
+
+        Without autoflush, ``payload`` is encoded at the next flush: it must not change
+        until then (the caller passes a copy of anything the request still mutates).
+        """
+        record = Record(key, fp, payload, url, error)
+        old = self._pending.pop(key, None)
+        if old is not None:
+            self._drop(old)
+        self._pending[key] = record
         self.counters["scheduled"] += 1
+        if self.autoflush:
+            self._append(self._encode(record))
+        else:
+            self._buffer.append(record)
 
     def done(self, key: str, fp: str = "") -> bool:
         """Record that ``key`` finished; False (nothing written) if it was not pending."""
-        if key not in self._pending:
+        record = self._pending.pop(key, None)
+        if record is None:
             return False
-        fp = fp or self._pending_fp.get(key, "")
-        # the bytes _encode writes for {"t": "d", "k": key, "fp": fp}, without its dict walk
-        self._append(f'{{"t":"d","k":{_string(key)},"fp":{_string(fp)}}}\n'.encode())
-        self._live -= len(self._pending.pop(key))
-        self._pending_fp.pop(key, None)
+        fp = fp or record.fp
+        self._drop(record)
+        # written even when the "s" line never was: a resume's seen-set needs the fp
+        self._append(done_line(key, fp))
         if fp and self.keep_seen:
             self._seen.add(fp)
         self.counters["done"] += 1
         self.maybe_compact()
         return True
 
-    def _set_pending(self, key: str, line: bytes, fp: str) -> None:
-        old = self._pending.pop(key, None)
-        self._live += len(line) - (len(old) if old is not None else 0)
-        self._pending[key] = line
-        self._pending_fp[key] = fp
+    def _drop(self, record: Record) -> None:
+        """``record`` is no longer pending: elide its line if it was not written yet."""
+        if record.line is None:
+            record.elided = True
+            self.counters["elided"] += 1
+        else:
+            self._live -= len(record.line)
+
+    def _encode(self, record: Record) -> bytes:
+        line = record.line = record_line(record, self.repair)
+        self._live += len(line)
+        return line
 
     def marker(self, **fields: Any) -> None:
         """Append a marker record (e.g. ``clean_close``) and fsync it."""
-        self._append(_encode({"t": "m", **fields}))
+        self._append(encode({"t": "m", **fields}))
         self.sync()
 
     def flush(self) -> None:
-        """Write the buffered records with one ``write``."""
-        if self._buffer and self._fd is not None:
-            data = b"".join(self._buffer)
-            self._buffer.clear()
-            _write_all(self._fd, data)
-            self._unsynced = True
+        """Encode the buffered records that are still pending and write the batch with one
+        ``write`` (headed by its line count if it elided records)."""
+        if not self._buffer or self._fd is None:
+            return
+        chunks: list[bytes] = [b""]  # the header's place
+        elided = False
+        for item in self._buffer:
+            if isinstance(item, bytes):
+                chunks.append(item)
+            elif item.elided:
+                elided = True
+            else:
+                chunks.append(self._encode(item))
+        self._buffer.clear()
+        if elided:
+            chunks[0] = batch_header(len(chunks) - 1)
+        data = b"".join(chunks)
+        self._size += len(data)
+        _write_all(self._fd, data)
+        self._unsynced = True
 
     @property
     def buffered(self) -> int:
@@ -226,10 +259,10 @@ class Journal:
     def _append(self, line: bytes) -> None:
         if self._fd is None:
             raise JournalError(f"journal {self.path} is not open")
-        self._size += len(line)
         if not self.autoflush:
             self._buffer.append(line)
             return
+        self._size += len(line)
         _write_all(self._fd, line)
         self._unsynced = True
         if self.fsync_policy == "always":
@@ -249,7 +282,9 @@ class Journal:
 
     def compact(self) -> None:
         """Rewrite pending records and done fingerprints atomically (temp, fsync, rename)."""
-        self._buffer.clear()  # everything buffered is in the in-memory state rewritten below
+        # everything buffered is in the in-memory state rewritten below (pending records
+        # not written yet are encoded there)
+        self._buffer.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -262,9 +297,10 @@ class Journal:
         chunks: list[bytes] = []
         seen = sorted(self._seen)
         for start in range(0, len(seen), 1000):
-            chunks.append(_encode({"t": "seen", "fps": seen[start:start + 1000]}))
-        chunks.extend(self._pending.values())
-        chunks.extend(_encode(m) for m in markers)
+            chunks.append(encode({"t": "seen", "fps": seen[start:start + 1000]}))
+        chunks.extend(record.line if record.line is not None else self._encode(record)
+                      for record in self._pending.values())
+        chunks.extend(encode(m) for m in markers)
         data = b"".join(chunks)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -280,38 +316,7 @@ class Journal:
     # ------------------------------------------------------------------ reading
 
     def _read(self) -> ReplayState:
-        state = ReplayState()
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return state
-        lines = raw.split(b"\n")
-        tail = lines.pop()  # b"" if the file ends with a newline, else a torn record
-        if tail:
-            state.torn += 1
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                kind = record["t"]
-            except (ValueError, KeyError, TypeError):
-                state.torn += 1
-                continue
-            state.records += 1
-            if kind == "s":
-                key = record["k"]
-                state.pending.pop(key, None)  # re-scheduled: latest payload, moved last
-                state.pending[key] = record
-            elif kind == "d":
-                state.pending.pop(record["k"], None)
-                if record.get("fp"):
-                    state.seen.add(record["fp"])
-            elif kind == "seen":
-                state.seen.update(record.get("fps", ()))
-            elif kind == "m":
-                state.markers.append(record)
-        return state
+        return read_state(self.path)
 
     # ------------------------------------------------------------------ introspection
 
@@ -347,14 +352,6 @@ class Journal:
             finally:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once
-_string = json.encoder.encode_basestring  # how _ENCODER writes a str (ensure_ascii=False)
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return (_ENCODER.encode(record) + "\n").encode()
 
 
 def _write_all(fd: int, data: bytes) -> None:
