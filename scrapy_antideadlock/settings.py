@@ -452,6 +452,10 @@ _define("journal", "JOURNAL_FSYNC", "interval", one_of("always", "interval", "ne
         "covered by all three; power loss only by fsync).")
 _define("journal", "JOURNAL_FSYNC_INTERVAL", 1.0, positive_float, "seconds > 0",
         "fsync period under the 'interval' policy.")
+_define("journal", "JOURNAL_FLUSH_INTERVAL", 0.25, positive_float, "seconds > 0",
+        "Records are written once per window this long (or of 1000 records); a request "
+        "scheduled and done within one costs its 'done' line only. A SIGKILL loses at most "
+        "the last window's records: a re-crawl of that window's work, never a loss.")
 _define("journal", "JOURNAL_LOCK_TIMEOUT", 10.0, positive_float, "seconds > 0",
         "How long to wait for the journal's file lock before failing with JournalLocked.")
 _define("journal", "JOURNAL_COMPACT_MIN_BYTES", 4 << 20, positive_int, "an integer >= 1",

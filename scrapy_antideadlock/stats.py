@@ -189,8 +189,12 @@ JOURNAL_LEFT_TO_JOBDIR = _stat("journal/left_to_jobdir",
                                "Pending requests left for JOBDIR's queue to restore.")
 JOURNAL_JOBDIR_RESET = _stat("journal/jobdir_reset",
                              "JOBDIR files moved aside because the previous run crashed.")
-JOURNAL_SCHEDULED = _stat("journal/scheduled", "Scheduled records written.")
+JOURNAL_SCHEDULED = _stat("journal/scheduled",
+                          "Requests journaled as scheduled (written, or elided: see elided).")
 JOURNAL_DONE = _stat("journal/done", "Requests marked done (callback and items finished).")
+JOURNAL_ELIDED = _stat("journal/elided",
+                       "Scheduled records never written: the request was done (or scheduled "
+                       "again) within the flush window; its 'done' line is written.")
 JOURNAL_KEPT_PENDING = _stat("journal/kept_pending",
                              "Requests that ended cancelled and stay pending for a resume.")
 JOURNAL_UNSERIALISABLE = _stat("journal/unserialisable",

@@ -32,6 +32,8 @@ def test_strings_from_the_command_line_are_parsed():
     ("ANTIDEADLOCK_DEADLINE_MIN_SAMPLES", 2.5),
     ("ANTIDEADLOCK_ENABLED", "maybe"),
     ("ANTIDEADLOCK_DEADLINE_BUFFER", float("inf")),
+    ("ANTIDEADLOCK_JOURNAL_FLUSH_INTERVAL", 0),
+    ("ANTIDEADLOCK_JOURNAL_FLUSH_INTERVAL", "soon"),
 ])
 def test_bad_value_names_setting_and_accepted_form(name, value):
     with pytest.raises(SettingError) as info:

@@ -23,6 +23,8 @@ __all__ = ["decode_payload", "encode_payload", "pickle_unjsonable", "to_dict"]
 _DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
 _SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
 _PICKLED = "$pickle"
+#: Attributes ``to_dict`` returns as the request's own (mutable) objects, besides meta.
+_SHARED = ("cb_kwargs", "flags", "cookies")
 
 
 def to_dict(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, Any]:
@@ -65,7 +67,15 @@ def to_dict(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, A
 
 
 def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (from :func:`to_dict`) made ready for the journal, and a snapshot of the
+    request: the journal JSON-encodes it later, at its flush, while downloader
+    middlewares go on changing the live request. So the containers ``to_dict`` shares
+    with the request are copied (one level: values inside them are not)."""
     meta = data["meta"] = dict(data.get("meta") or {})  # to_dict shares the live meta
+    for name in _SHARED:
+        value = data.get(name)
+        if value:
+            data[name] = value.copy() if isinstance(value, dict | list) else value
     for name in _DROP_META:
         meta.pop(name, None)
     headers = data.get("headers")

@@ -22,16 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import time
 import weakref
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 from scrapy import Request, signals
 from scrapy.crawler import Crawler
 from scrapy.exceptions import IgnoreRequest, NotConfigured
-from scrapy.utils.project import data_path
 from scrapy.utils.request import request_from_dict
 
 from .. import metakeys
@@ -43,37 +40,24 @@ from ..origin import JOURNAL_KEY, origins_for
 from ..primitives.deadletter import DeadLetterStore
 from ..primitives.journal import Journal, JournalLocked
 from ..reactor import require_asyncio_reactor
-from ..timers import every, soon
+from ..timers import Timer, every, later
 from .codec import decode_payload, encode_payload, pickle_unjsonable, to_dict
+from .location import is_default_dir, jobdir_has_queue, journal_dir, set_jobdir_aside
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RequestJournal", "journal_for", "JOURNAL_KEY", "KEEP_PENDING"]
+__all__ = ["RequestJournal", "journal_dir", "journal_for", "JOURNAL_KEY", "KEEP_PENDING"]
 
 KEEP_PENDING = metakeys.JOURNAL_KEEP  # the request ended cancelled and must stay pending
 QUARANTINED = metakeys.QUARANTINED  # the request was quarantined; its end is final (done)
+#: Records buffered past which a flush window ends early (bounds the buffer's memory).
+FLUSH_RECORDS = 1000
 
 
 
 def journal_for(crawler: Crawler) -> RequestJournal | None:
     """The crawler's journal extension, or None when the journal is off."""
     return context_for(crawler).get("journal")
-
-
-def journal_dir(settings: Any, spider_name: str | None = None) -> Path:
-    """The journal directory: the setting, else under JOBDIR, else per spider in the
-    project's ``.scrapy/`` folder (where Scrapy keeps HTTPCACHE_DIR)."""
-    conf = ad_settings.load(settings, "journal")
-    if conf.dir:
-        return Path(conf.dir)
-    jobdir = settings.get("JOBDIR")
-    if jobdir:
-        return Path(jobdir) / "antideadlock-journal"
-    return Path(data_path(f"antideadlock/{spider_name or 'default'}"))
-
-
-def _is_default_dir(settings: Any) -> bool:
-    return not ad_settings.get(settings, "ANTIDEADLOCK_JOURNAL_DIR") and not settings.get("JOBDIR")
 
 
 class RequestJournal:
@@ -90,7 +74,7 @@ class RequestJournal:
         require_asyncio_reactor("RequestJournal", crawler.settings)
         self.crawler = crawler
         self.conf = conf
-        default_dir = _is_default_dir(crawler.settings)
+        default_dir = is_default_dir(crawler.settings)
         self.directory = journal_dir(crawler.settings, getattr(crawler.spidercls, "name", None))
         self.jobdir = crawler.settings.get("JOBDIR")
         self.journal = Journal(self.directory, fsync=conf.fsync,
@@ -99,7 +83,8 @@ class RequestJournal:
                                # a second concurrent run goes on without a journal, at once
                                lock_timeout=min(conf.lock_timeout, 1.0) if default_dir
                                else conf.lock_timeout,
-                               compact_min_bytes=conf.compact_min_bytes, autoflush=False)
+                               compact_min_bytes=conf.compact_min_bytes, autoflush=False,
+                               repair=self._repair)
         self.stats = crawler.stats
         self._run = secrets.token_hex(3)
         self._seq = count(1)
@@ -111,12 +96,13 @@ class RequestJournal:
         self._compactions = 0
         self._checked_origin = False
         self._method_names: dict[Any, Any] = {}  # spider function -> method name (codec.to_dict)
-        self._flush_pending = False
+        self._flush_timer: Timer | None = None  # ends the current flush window
         self._fsync_job: Any = None  # the periodic fsync on the loop monitor's thread
         # Counted here and added to the stats once a tick and at the close: a stats call
         # per request costs more than the count itself.
         self._scheduled_count = 0
         self._done_count = 0
+        self._elided = 0  # the journal's count already added to the stats
         self.unreplayable: list[str] = []
         # Lock and read now, so a locked or unreadable journal stops the crawl at start
         # with a named error (JournalLocked) instead of crawling without a journal.
@@ -133,7 +119,7 @@ class RequestJournal:
         self.previous_crashed = self._state.records > 0 and not last.get("clean")
         self.jobdir_reset: list[str] = []
         if self.previous_crashed and self.jobdir:
-            self._set_jobdir_aside()
+            self.jobdir_reset = set_jobdir_aside(self.jobdir, len(self._state.pending))
         context_for(crawler).put("journal", self)
         origins_for(crawler).on_request_finished(self._finished)
         crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
@@ -147,24 +133,6 @@ class RequestJournal:
     def from_crawler(cls, crawler: Crawler) -> RequestJournal:
         return cls(crawler)
 
-    def _set_jobdir_aside(self) -> None:
-        """After a crash JOBDIR's queue can be unreadable (its pops fail for ever, so the
-        crawl never ends) and its seen-set holds requests that were never crawled (they
-        would be filtered): move both aside before the scheduler opens them. The journal
-        has every pending request and its own seen-set of done fingerprints."""
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for name in ("requests.queue", "requests.seen"):
-            path = Path(self.jobdir) / name
-            if path.exists():
-                aside = path.with_name(f"{name}.crashed-{stamp}")
-                path.rename(aside)
-                self.jobdir_reset.append(str(aside))
-        if self.jobdir_reset:
-            logger.warning("antideadlock journal: the previous run did not close cleanly, so "
-                           "JOBDIR's queue and seen-set are not reliable; moved aside (%s); "
-                           "the journal replays its %d pending requests instead",
-                           ", ".join(self.jobdir_reset), len(self._state.pending))
-
     # ------------------------------------------------------------------ open / replay
 
     def spider_opened(self, spider: Any) -> None:
@@ -176,7 +144,7 @@ class RequestJournal:
         last = state.markers[-1] if state.markers else {}
         left_to_jobdir: set[str] = set()
         if self.jobdir and last.get("jobdir") and last.get("clean") \
-                and _jobdir_has_queue(self.jobdir):
+                and jobdir_has_queue(self.jobdir):
             left_to_jobdir = set(last.get("queued", ()))
         replayed = 0
         unreplayable: list[dict[str, Any]] = []
@@ -251,30 +219,33 @@ class RequestJournal:
             key = meta[JOURNAL_KEY] = f"{self._run}.{next(self._seq)}"
         self._owner[key] = weakref.ref(request)
         self._reached.discard(key)
-        payload, error = self._serialise(request)
-        url = strip_credentials(request.url) if payload is None else ""  # else in payload
-        try:
-            self.journal.scheduled(key, fp, payload, url=url, error=error)
-        except (TypeError, ValueError):  # a value JSON cannot hold: nothing was written
-            payload, error = self._serialise(request, pickled=True)
-            url = strip_credentials(request.url) if payload is None else ""
-            self.journal.scheduled(key, fp, payload, url=url, error=error)
+        try:  # a snapshot: JSON-encoded at the flush, after middlewares changed the request
+            payload, url, error = encode_payload(
+                to_dict(request, self.crawler.spider, self._method_names)), "", ""
+        except Exception as exc:
+            payload, url, error = None, self._unserialisable(request.url, exc), _error(exc)
+        self.journal.scheduled(key, fp, payload, url=url, error=error)
         self._scheduled_count += 1
         self._flush_soon()
 
-    def _serialise(self, request: Request, pickled: bool = False
-                   ) -> tuple[dict[str, Any] | None, str]:
+    def _repair(self, payload: dict[str, Any]) -> tuple[dict[str, Any] | None, str, str]:
+        """The journal's hook for a payload JSON could not encode (at the flush): its meta
+        and cb_kwargs values JSON cannot hold pickled, else the URL alone."""
         try:
-            data = encode_payload(to_dict(request, self.crawler.spider, self._method_names))
-            return (pickle_unjsonable(data) if pickled else data), ""
+            return pickle_unjsonable(payload), "", ""
         except Exception as exc:
-            self.stats.inc_value(ad_stats.JOURNAL_UNSERIALISABLE)
-            if not self._warned_unserialisable:
-                self._warned_unserialisable = True
-                logger.warning("antideadlock journal: %s cannot be serialised (%s); it is "
-                               "journaled by URL only and will be reported at a resume",
-                               strip_credentials(request.url), exc)
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, self._unserialisable(str(payload.get("url", "")), exc), _error(exc)
+
+    def _unserialisable(self, url: str, exc: Exception) -> str:
+        """Count and warn (once) about a request journaled by URL only; its URL without
+        credentials (the only form that reaches the journal or the log)."""
+        url = strip_credentials(url)
+        self.stats.inc_value(ad_stats.JOURNAL_UNSERIALISABLE)
+        if not self._warned_unserialisable:
+            self._warned_unserialisable = True
+            logger.warning("antideadlock journal: %s cannot be serialised (%s); it is "
+                           "journaled by URL only and will be reported at a resume", url, exc)
+        return url
 
     def request_dropped(self, request: Request, spider: Any = None) -> None:
         self._finish(request, dropped=True)
@@ -310,15 +281,24 @@ class RequestJournal:
         if self._done_count:
             self.stats.inc_value(ad_stats.JOURNAL_DONE, self._done_count)
             self._done_count = 0
+        elided = self.journal.counters["elided"]
+        if elided != self._elided:
+            self.stats.inc_value(ad_stats.JOURNAL_ELIDED, elided - self._elided)
+            self._elided = elided
 
     def _flush_soon(self) -> None:
-        """One ``write`` per event-loop turn for everything journaled in it."""
-        if not self._flush_pending:
-            self._flush_pending = True
-            soon(self._flush)
+        """One ``write`` per flush window (FLUSH_INTERVAL, or FLUSH_RECORDS records) for
+        everything journaled in it; a request scheduled and done within one window costs
+        its "done" line only. A crash loses at most the window: a re-crawl of its work."""
+        if self._flush_timer is None:
+            self._flush_timer = later(self.conf.flush_interval, self._flush)
+        elif self.journal.buffered >= FLUSH_RECORDS:
+            self._flush()
 
     def _flush(self) -> None:
-        self._flush_pending = False
+        timer, self._flush_timer = self._flush_timer, None
+        if timer is not None:
+            timer.cancel()  # a full buffer ended the window early
         if self.journal.is_open:
             self.journal.flush()
 
@@ -364,8 +344,8 @@ class RequestJournal:
     def save_from_thread(self) -> None:
         """fsync from another thread (hard exit while the loop is blocked).
 
-        Records reach the kernel once per event-loop turn, so it has them already except
-        the current turn's (a suffix: losing it re-crawls, never loses); this only adds
+        Records reach the kernel once per flush window, so it has them already except
+        the current window's (a suffix: losing it re-crawls, never loses); this only adds
         durability against power loss. Never raises.
         """
         fd = self.journal._fd
@@ -380,6 +360,9 @@ class RequestJournal:
             self._ticker.stop()
         if self._fsync_job is not None:
             self._fsync_job.cancel()  # waits for a run in progress (close fsyncs below)
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()  # the marker and the close below flush
+            self._flush_timer = None
         self._publish_counts()
         if not self.journal.is_open:
             return
@@ -397,10 +380,10 @@ class RequestJournal:
         self.journal.close()
 
 
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def keep_pending(request: Request) -> None:
     """Mark ``request`` so that its (cancelled) end leaves it pending in the journal."""
     request.meta[KEEP_PENDING] = True
-
-
-def _jobdir_has_queue(jobdir: str) -> bool:
-    return (Path(jobdir) / "requests.queue").is_dir()
