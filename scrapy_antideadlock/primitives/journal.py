@@ -188,6 +188,7 @@ class Journal:
 
     def _encode(self, record: Record) -> bytes:
         line = record.line = record_line(record, self.repair)
+        record.payload = None  # the line stands for it now: a long queue keeps bytes only
         self._live += len(line)
         return line
 
