@@ -151,3 +151,44 @@ def test_bad_settings_fail_at_start_naming_the_setting(tmp_path, monkeypatch):
             "ANTIDEADLOCK_JOURNAL_ENABLED": True, "JOBDIR": str(tmp_path / "job"),
             "ANTIDEADLOCK_JOURNAL_LOCK_TIMEOUT": 0.2}))
     journal.journal.close()
+
+
+def test_journaled_request_is_a_snapshot_and_unjsonable_values_are_pickled(tmp_path):
+    """The journal encodes a request at its flush, after downloader middlewares changed the
+    live request: what it writes is the request as scheduled; a value JSON cannot hold is
+    pickled at the flush (the repair hook), and reads back."""
+    crawler = get_crawler(SiteSpider, settings_dict={
+        "ANTIDEADLOCK_JOURNAL_ENABLED": True, "ANTIDEADLOCK_JOURNAL_DIR": str(tmp_path / "j")})
+    crawler.spider = crawler.spidercls.from_crawler(crawler, start_url="http://x/")
+    journal = RequestJournal(crawler)
+    live = scrapy.Request("http://user:pw@x/1", callback=crawler.spider.parse,
+                          cb_kwargs={"page": [1]}, flags=["a"], meta={"tags": {"b", "a"}})
+    journal.request_scheduled(live)
+    live.cb_kwargs["page"] = [2]  # what a middleware may do before the flush
+    live.cb_kwargs["added"] = True
+    live.flags.append("changed")
+    live.meta["tags"].add("c")  # one level deep: not copied, a set changed in place
+    live.meta["extra"] = 1
+    assert journal.journal.buffered == 1
+    journal.save()  # flushes
+    journal.journal.close()
+    [record] = Journal(tmp_path / "j")._read().pending.values()
+    request = journal._rebuild(record, crawler.spider)
+    assert request is not None and request.url == "http://user:pw@x/1"
+    assert request.cb_kwargs == {"page": [1]} and request.flags == ["a"]
+    assert "extra" not in request.meta and request.meta["tags"] == {"a", "b", "c"}
+    assert crawler.stats.get_value("antideadlock/journal/unserialisable") is None
+
+
+def test_a_request_the_flush_cannot_write_is_journaled_by_url_without_credentials(tmp_path):
+    crawler = get_crawler(SiteSpider, settings_dict={
+        "ANTIDEADLOCK_JOURNAL_ENABLED": True, "ANTIDEADLOCK_JOURNAL_DIR": str(tmp_path / "j")})
+    crawler.spider = crawler.spidercls.from_crawler(crawler, start_url="http://x/")
+    journal = RequestJournal(crawler)
+    journal.request_scheduled(scrapy.Request("http://user:pw@x/2", callback=crawler.spider.parse,
+                                             meta={"fn": lambda: 1}))  # neither JSON nor pickle
+    journal.save()
+    journal.journal.close()
+    [record] = Journal(tmp_path / "j")._read().pending.values()
+    assert record["r"] is None and record["u"] == "http://x/2" and "lambda" in record["e"]
+    assert crawler.stats.get_value("antideadlock/journal/unserialisable") == 1
