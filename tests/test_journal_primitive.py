@@ -339,3 +339,17 @@ def test_compaction_writes_pending_records_not_encoded_yet(tmp_path):
     assert list(state.pending) == expected
     assert state.pending["k21"]["r"] == _payload(21)
     assert state.seen == {f"f{n}" for n in range(0, 40, 2)} | {"f39"}
+
+
+def test_a_cyclic_payload_does_not_break_the_flush(tmp_path):
+    meta: dict = {}
+    meta["self"] = meta
+    journal = Journal(tmp_path, autoflush=False)
+    journal.open()
+    journal.scheduled("cycle", "fc", {"url": "http://x/c", "meta": meta})
+    journal.scheduled("fine", "ff", _payload(1))
+    journal.flush()
+    journal.close()
+    state = read_state(tmp_path / "journal.jsonl")
+    assert state.pending["cycle"]["r"] is None and state.pending["cycle"]["e"]
+    assert state.pending["fine"]["r"] == _payload(1) and state.torn == 0

@@ -25,6 +25,13 @@ _SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
 _PICKLED = "$pickle"
 #: Attributes ``to_dict`` returns as the request's own (mutable) objects, besides meta.
 _SHARED = ("cb_kwargs", "flags", "cookies")
+#: ``Request``'s constructor defaults (as encoded). A plain Request's payload leaves them
+#: out (``request_from_dict`` passes on only the keys present): less to keep until the
+#: journal's flush and to JSON-encode there.
+_DEFAULTS: dict[str, Any] = {
+    "errback": None, "headers": {}, "body": "", "cookies": {}, "meta": {}, "encoding": "utf-8",
+    "flags": [], "cb_kwargs": {}, "dont_filter": False, "method": "GET", "priority": 0}
+_KEEP = object()
 
 
 def to_dict(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, Any]:
@@ -87,7 +94,9 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
     body = data.get("body")
     if isinstance(body, bytes):
         data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
-    return data
+    if "_class" in data:  # a subclass's constructor may treat a missing argument its own way
+        return data
+    return {name: value for name, value in data.items() if value != _DEFAULTS.get(name, _KEEP)}
 
 
 def pickle_unjsonable(data: dict[str, Any]) -> dict[str, Any]:

@@ -102,7 +102,10 @@ class Journal:
         self._buffer: list[bytes | Record] = []
         self._fd: int | None = None
         self._lock_fd: int | None = None
-        self._pending: dict[str, Record] = {}  # key -> latest "s" record
+        # key -> latest "s" record: a Record while it waits in the buffer, then its line
+        # (bytes, which the garbage collector does not track: a long queue costs it nothing)
+        self._pending: dict[str, Record | bytes] = {}
+        self._pending_fp: dict[str, str] = {}
         self._live = 0  # bytes of the written pending lines (compaction trigger, incremental)
         self._seen: set[str] = set()
         self._size = 0
@@ -119,7 +122,9 @@ class Journal:
         self._lock_fd = self._acquire_lock()
         try:
             state = self._read()
-            self._pending = {key: Record.from_dict(r) for key, r in state.pending.items()}
+            for key, record in state.pending.items():
+                self._pending[key] = Record.from_dict(record)
+                self._pending_fp[key] = record.get("fp", "")
             self._seen = set(state.seen) if self.keep_seen else set()
             # Markers speak to the next start only (e.g. "JOBDIR holds these"): once read,
             # they are dropped, so a crash of this run cannot make the next one trust them.
@@ -156,20 +161,22 @@ class Journal:
         old = self._pending.pop(key, None)
         if old is not None:
             self._drop(old)
-        self._pending[key] = record
+        self._pending_fp[key] = fp
         self.counters["scheduled"] += 1
         if self.autoflush:
             self._append(self._encode(record))
         else:
+            self._pending[key] = record
             self._buffer.append(record)
 
     def done(self, key: str, fp: str = "") -> bool:
         """Record that ``key`` finished; False (nothing written) if it was not pending."""
-        record = self._pending.pop(key, None)
-        if record is None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
             return False
-        fp = fp or record.fp
-        self._drop(record)
+        stored_fp = self._pending_fp.pop(key, "")
+        fp = fp or stored_fp
+        self._drop(pending)
         # written even when the "s" line never was: a resume's seen-set needs the fp
         self._append(done_line(key, fp))
         if fp and self.keep_seen:
@@ -178,17 +185,17 @@ class Journal:
         self.maybe_compact()
         return True
 
-    def _drop(self, record: Record) -> None:
-        """``record`` is no longer pending: elide its line if it was not written yet."""
-        if record.line is None:
-            record.elided = True
-            self.counters["elided"] += 1
+    def _drop(self, pending: Record | bytes) -> None:
+        """A pending record is done or replaced: elide it if it was not written yet."""
+        if isinstance(pending, bytes):
+            self._live -= len(pending)
         else:
-            self._live -= len(record.line)
+            pending.elided = True
+            self.counters["elided"] += 1
 
     def _encode(self, record: Record) -> bytes:
-        line = record.line = record_line(record, self.repair)
-        record.payload = None  # the line stands for it now: a long queue keeps bytes only
+        """``record``'s line, which stands for it in ``_pending`` from now on."""
+        line = self._pending[record.key] = record_line(record, self.repair)
         self._live += len(line)
         return line
 
@@ -299,8 +306,8 @@ class Journal:
         seen = sorted(self._seen)
         for start in range(0, len(seen), 1000):
             chunks.append(encode({"t": "seen", "fps": seen[start:start + 1000]}))
-        chunks.extend(record.line if record.line is not None else self._encode(record)
-                      for record in self._pending.values())
+        chunks.extend(line if isinstance(line, bytes) else self._encode(line)
+                      for line in list(self._pending.values()))
         chunks.extend(encode(m) for m in markers)
         data = b"".join(chunks)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
