@@ -27,13 +27,17 @@ REQUEUES = "antideadlock_requeues"
 RECOVERY_CANCEL = "antideadlock_recovery_cancel"
 #: The journal key of a request (its fingerprint-based identity across runs).
 JOURNAL_KEY = "antideadlock_journal_key"
+#: Which scheduling of its journal key a request is (a retry or redirect copy carries its
+#: original's until it is scheduled itself): only the latest one's end marks the key done.
+JOURNAL_OWNER = "antideadlock_journal_owner"
 #: Set True by a user to keep a request pending in the journal after it finished.
 JOURNAL_KEEP = "antideadlock_journal_keep"
 #: Set on a request that recovery quarantined.
 QUARANTINED = "antideadlock_quarantined"
 
 #: Keys whose values mean nothing in another process (dropped when a request is persisted).
-PROCESS_LOCAL = (DEADLINE, REQUEST_ID, RECOVERY_CANCEL, JOURNAL_KEEP)
+PROCESS_LOCAL = (DEADLINE, REQUEST_ID, RECOVERY_CANCEL, JOURNAL_KEEP, JOURNAL_OWNER)
 
 ALL = (REQUEST_ID, DEADLINE, USER_TIMEOUT, DEADLINE_RETRIES, LEASE_RETRIES, PROXY_MARK,
-       NO_PROXY, REQUEUES, RECOVERY_CANCEL, JOURNAL_KEY, JOURNAL_KEEP, QUARANTINED)
+       NO_PROXY, REQUEUES, RECOVERY_CANCEL, JOURNAL_KEY, JOURNAL_OWNER, JOURNAL_KEEP,
+       QUARANTINED)

@@ -282,6 +282,30 @@ def test_a_crash_loses_only_the_unflushed_window(tmp_path):
     assert list(state.pending) == ["a", "b"] and state.seen == set()  # a is re-crawled
 
 
+def test_a_hard_exit_writes_the_window_from_another_thread(tmp_path):
+    # The loop that owns the buffer is blocked (a hard exit's case): the monitor's thread
+    # writes the window as flush() would, elided records included, and the state it
+    # leaves replays what the window held.
+    import threading
+
+    journal = Journal(tmp_path, autoflush=False)
+    journal.open()
+    journal.scheduled("a", "fa", _payload(1))
+    journal.flush()
+    journal.scheduled("b", "fb", _payload(2))  # the window: b (done in it), c, a done
+    journal.scheduled("c", "fc", _payload(3))
+    journal.done("b")
+    journal.done("a")
+    thread = threading.Thread(target=journal.write_buffered)
+    thread.start()
+    thread.join()
+    assert journal.buffered == 4  # the loop's state is left alone
+    os.close(journal._fd)  # then the process dies
+    os.close(journal._lock_fd)
+    state = Journal(tmp_path).open()
+    assert list(state.pending) == ["c"] and state.seen == {"fa", "fb"}
+
+
 def _repair_meta(payload: dict) -> tuple[dict | None, str, str]:
     return {**payload, "meta": {"x": sorted(payload["meta"]["x"])}}, "", ""
 

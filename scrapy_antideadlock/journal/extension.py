@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import weakref
 from itertools import count
 from typing import Any
 
@@ -48,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RequestJournal", "journal_dir", "journal_for", "JOURNAL_KEY", "KEEP_PENDING"]
 
+OWNER = metakeys.JOURNAL_OWNER
 KEEP_PENDING = metakeys.JOURNAL_KEEP  # the request ended cancelled and must stay pending
 QUARANTINED = metakeys.QUARANTINED  # the request was quarantined; its end is final (done)
 #: Records buffered past which a flush window ends early (bounds the buffer's memory).
@@ -88,7 +88,9 @@ class RequestJournal:
         self.stats = crawler.stats
         self._run = secrets.token_hex(3)
         self._seq = count(1)
-        self._owner: dict[str, weakref.ref[Request]] = {}
+        # key -> the token (in meta[OWNER]) of its latest scheduling: an int, not a weak
+        # reference to the request, so a long queue adds nothing for the GC to walk
+        self._owner: dict[str, int] = {}
         self._reached: set[str] = set()  # keys whose current request reached the downloader
         self._prev_seen: set[str] = set()
         self._warned_unserialisable = False
@@ -217,7 +219,8 @@ class RequestJournal:
                 self.stats.inc_value(ad_stats.JOURNAL_SKIPPED_SEEN)
                 raise IgnoreRequest("done or replayed in a previous run (journal)")
             key = meta[JOURNAL_KEY] = f"{self._run}.{next(self._seq)}"
-        self._owner[key] = weakref.ref(request)
+        token = meta[OWNER] = next(self._seq)
+        self._owner[key] = token
         self._reached.discard(key)
         try:  # a snapshot: JSON-encoded at the flush, after middlewares changed the request
             payload, url, error = encode_payload(
@@ -303,9 +306,11 @@ class RequestJournal:
             self.journal.flush()
 
     def _is_owner(self, key: str, request: Request) -> bool:
-        ref = self._owner.get(key)
-        owner = ref() if ref is not None else None
-        return owner is None or owner is request
+        """Whether ``request`` is its key's latest scheduling (or a copy of it not scheduled
+        itself, e.g. a redirect the duplicate filter dropped): an earlier one, superseded
+        by a retry or requeue copy, must not mark the key done."""
+        token = self._owner.get(key)
+        return token is None or request.meta.get(OWNER) == token
 
     def mark_done(self, request: Request) -> None:
         """Mark ``request`` finished for good (e.g. quarantined) whatever its owner state."""
@@ -342,12 +347,12 @@ class RequestJournal:
         return len(self.journal.pending_keys())
 
     def save_from_thread(self) -> None:
-        """fsync from another thread (hard exit while the loop is blocked).
-
-        Records reach the kernel once per flush window, so it has them already except
-        the current window's (a suffix: losing it re-crawls, never loses); this only adds
-        durability against power loss. Never raises.
-        """
+        """Write the current flush window's records and fsync, from another thread (a hard
+        exit, the loop possibly blocked). Never raises."""
+        try:
+            self.journal.write_buffered()
+        except Exception:  # noqa: BLE001 - exiting anyway; the earlier windows are written
+            logger.exception("antideadlock journal: writing the last records at exit failed")
         fd = self.journal._fd
         if fd is not None:
             try:

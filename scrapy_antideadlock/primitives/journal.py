@@ -38,7 +38,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -209,22 +209,22 @@ class Journal:
         ``write`` (headed by its line count if it elided records)."""
         if not self._buffer or self._fd is None:
             return
-        chunks: list[bytes] = [b""]  # the header's place
-        elided = False
-        for item in self._buffer:
-            if isinstance(item, bytes):
-                chunks.append(item)
-            elif item.elided:
-                elided = True
-            else:
-                chunks.append(self._encode(item))
+        data = _batch(self._buffer, self._encode)
         self._buffer.clear()
-        if elided:
-            chunks[0] = batch_header(len(chunks) - 1)
-        data = b"".join(chunks)
         self._size += len(data)
         _write_all(self._fd, data)
         self._unsynced = True
+
+    def write_buffered(self) -> None:
+        """Write the buffered records from another thread, just before a hard exit: the
+        loop that owns the buffer may be blocked, so its flush would never come and the
+        window's records (possibly every record so far) would be lost. The in-memory
+        state is left alone; a batch the loop writes as well is written twice, which can
+        only leave a request pending (a re-crawl)."""
+        fd, items = self._fd, list(self._buffer)  # one copy: the loop may append meanwhile
+        if fd is not None and items:  # encoded as flush() does, without touching _pending
+            _write_all(fd, _batch(items, lambda record: record_line(record, self.repair)))
+            self._unsynced = True
 
     @property
     def buffered(self) -> int:
@@ -360,6 +360,23 @@ class Journal:
             finally:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+def _batch(items: list[bytes | Record], encode_record: Callable[[Record], bytes]) -> bytes:
+    """One write's bytes: the lines, records not elided encoded, headed by the line count
+    if any was elided."""
+    chunks: list[bytes] = [b""]  # the header's place
+    elided = False
+    for item in items:
+        if isinstance(item, bytes):
+            chunks.append(item)
+        elif item.elided:
+            elided = True
+        else:
+            chunks.append(encode_record(item))
+    if elided:
+        chunks[0] = batch_header(len(chunks) - 1)
+    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:
