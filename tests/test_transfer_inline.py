@@ -45,6 +45,24 @@ def entry() -> InFlightDownload:
     return InFlightDownload(Request("http://example.invalid/a"), "o1", 0.0, None, "transfer")
 
 
+def begin(guard: Guard, e: InFlightDownload, handler: Handler) -> asyncio.Future[Any]:
+    """The inline transfer in a task of its own (standing for Scrapy's download task)."""
+    async def download() -> Any:
+        return await inline(guard, e, handler, e.request, asyncio.current_task())  # type: ignore[arg-type]
+
+    return asyncio.ensure_future(download())
+
+
+async def hedged() -> tuple[Handler, Guard, InFlightDownload, asyncio.Future[Any]]:
+    """An inline transfer whose hedge (the second copy) has started."""
+    handler, guard, e = Handler(), Guard(), entry()
+    task = begin(guard, e, handler)
+    await until(lambda: handler.calls)
+    start_copy(guard, e)  # type: ignore[arg-type]
+    await until(lambda: len(handler.calls) == 2)
+    return handler, guard, e, task
+
+
 async def until(condition: Any) -> None:
     for _ in range(1000):
         if condition():
@@ -63,10 +81,7 @@ def test_a_cancel_interrupts_the_calling_task_and_raises_an_ordinary_exception()
     async def main() -> None:
         handler, guard, e = Handler(), Guard(), entry()
 
-        async def download() -> Any:
-            return await inline(guard, e, handler, e.request, asyncio.current_task())  # type: ignore[arg-type]
-
-        task = asyncio.ensure_future(download())
+        task = begin(guard, e, handler)
         await until(lambda: handler.calls)
         e.cancel_exc = DeadlineExceeded(1.0, 1.0, "transfer")
         assert e.wake() and e.interrupted
@@ -111,10 +126,7 @@ def test_a_shutdown_cancel_is_not_turned_into_our_exception() -> None:
     async def main() -> None:
         handler, guard, e = Handler(), Guard(), entry()
 
-        async def download() -> Any:
-            return await inline(guard, e, handler, e.request, asyncio.current_task())  # type: ignore[arg-type]
-
-        task = asyncio.ensure_future(download())
+        task = begin(guard, e, handler)
         await until(lambda: handler.calls)
         e.cancel_exc = DeadlineExceeded(1.0, 1.0, "transfer")
         task.cancel()  # Scrapy's own shutdown, say
@@ -127,15 +139,7 @@ def test_a_shutdown_cancel_is_not_turned_into_our_exception() -> None:
 @pytest.mark.parametrize("copy_answers", [True, False])
 def test_the_first_copy_fails_while_its_hedge_runs(copy_answers: bool) -> None:
     async def main() -> None:
-        handler, guard, e = Handler(), Guard(), entry()
-
-        async def download() -> Any:
-            return await inline(guard, e, handler, e.request, asyncio.current_task())  # type: ignore[arg-type]
-
-        task = asyncio.ensure_future(download())
-        await until(lambda: handler.calls)
-        start_copy(guard, e)  # type: ignore[arg-type]
-        await until(lambda: len(handler.calls) == 2)
+        handler, guard, e, task = await hedged()
         handler.calls[0].set_exception(ConnectionError("first"))
         await asyncio.sleep(0)
         if copy_answers:
@@ -153,15 +157,7 @@ def test_the_first_copy_fails_while_its_hedge_runs(copy_answers: bool) -> None:
 
 def test_a_hedge_answering_first_wins_and_the_first_copy_is_cancelled() -> None:
     async def main() -> None:
-        handler, guard, e = Handler(), Guard(), entry()
-
-        async def download() -> Any:
-            return await inline(guard, e, handler, e.request, asyncio.current_task())  # type: ignore[arg-type]
-
-        task = asyncio.ensure_future(download())
-        await until(lambda: handler.calls)
-        start_copy(guard, e)  # type: ignore[arg-type]
-        await until(lambda: len(handler.calls) == 2)
+        handler, guard, e, task = await hedged()
         handler.calls[1].set_result("copy's")
         assert await task == "copy's"
         assert handler.calls[0].cancelled() and e.hedge == "won"
