@@ -417,8 +417,11 @@ async def test_cancel_one_download_mid_transfer(make_fault_site, fault_proxy,
 
     CapturingSpider.last = None
     poller = asyncio.ensure_future(cancel_when_dripping())
+    # DEADLINE_MIN well above the 1 s the canceller waits: a warm slot's deadline (p99 x 3
+    # + buffer, at least MIN) must not cut the dripping transfer first
     result = await run_crawl(CapturingSpider,
-                             settings(PROXY_LIST=[fault_proxy.url], DEADLINE_INITIAL=30.0),
+                             settings(PROXY_LIST=[fault_proxy.url], DEADLINE_INITIAL=30.0,
+                                      DEADLINE_MIN=10.0),
                              timeout=40, start_url=site.start_url)
     await poller
     assert cancelled == [True]
