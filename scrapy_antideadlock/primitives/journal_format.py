@@ -23,11 +23,23 @@ Repair = Callable[[dict[str, Any]], tuple[dict[str, Any] | None, str, str]]
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once
 _string = json.encoder.encode_basestring  # how _ENCODER writes a str (ensure_ascii=False)
-# The C encoder ``_ENCODER.encode`` makes on every call, made once, without the check for
-# circular references (a cycle ends in RecursionError: unencodable, as a TypeError is):
-# a third less per record. None where json has no C accelerator.
-_C_ENCODE = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
-    None, _ENCODER.default, _string, None, ":", ",", False, False, True)
+
+
+def _c_encoder() -> Any:
+    """The C encoder ``_ENCODER.encode`` makes on every call, made once, without the check
+    for circular references (a cycle ends in RecursionError: unencodable, as a TypeError
+    is): a third less per record. None where json has no C accelerator, or one this call
+    does not fit (it is the json module's own, not a documented API): then ``_ENCODER``
+    does the work."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        return make and make(None, _ENCODER.default, _string, None, ":", ",", False, False,
+                             True)
+    except TypeError:
+        return None
+
+
+_C_ENCODE = _c_encoder()
 _UNENCODABLE = (TypeError, ValueError, RecursionError)  # ValueError: a lone surrogate
 
 
