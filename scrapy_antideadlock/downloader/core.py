@@ -255,7 +255,7 @@ class DownloadGuard:
 
     def _expire(self, entry: InFlightDownload) -> None:
         """The transfer's deadline passed: wake its handler, which raises DeadlineExceeded."""
-        if entry.waker is not None and not entry.waker.done() or entry.task is not None:
+        if entry.waiting:
             entry.cancel_exc = self.exceeded(entry, "transfer")
             entry.wake()
 

@@ -53,6 +53,12 @@ class InFlightDownload:
     hedge_started: float | None = None  # when the second copy started
     provisional: bool = False  # given while its slot was cold: tightened once it is warm
 
+    @property
+    def waiting(self) -> bool:
+        """Whether a handler waits on this request: on its waker (a lease wait, a transfer in
+        a task of ours) or inside an inline transfer."""
+        return self.waker is not None and not self.waker.done() or self.task is not None
+
     def wake(self) -> bool:
         """Wake the handler waiting on this request (to raise ``cancel_exc``, or to take a
         hedge's answer): resolve its waker, or interrupt the task running its transfer
