@@ -55,7 +55,7 @@ from .rows import (
     classify,
     resolve_table,
 )
-from .support import EngineOptions, PgPoolView, Stats
+from .support import EngineOptions, PgPoolView, Stats, bounded
 from .write import BatchWriter
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class UpsertEngine:
         if self._soft_deadline is not None:
             bound = min(bound, max(0.1, self._soft_deadline - time.monotonic()))
         try:
-            await asyncio.wait_for(self._transaction(table, entries, cols, token), bound)
+            await bounded(self._transaction(table, entries, cols, token), bound)
         finally:
             self.pool_view.done(token)
 

@@ -1,11 +1,30 @@
-"""The engine's options, a stats sink for use without Scrapy, and its registry view."""
+"""The engine's options, a stats sink for use without Scrapy, its registry view, and
+the bound on one flush."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+async def bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
+    """``await awaitable`` for at most ``seconds`` (``TimeoutError`` after that).
+
+    Unlike ``asyncio.wait_for`` on Python 3.11, this runs the awaitable in the caller's
+    task: no task to start and none to finish, each of which costs a turn of the event
+    loop, and a flush's items wait for every turn while the crawl keeps the loop busy.
+    """
+    if _timeout is None:  # Python 3.10
+        return await asyncio.wait_for(awaitable, seconds)
+    async with _timeout(seconds):
+        return await awaitable
 
 from ..primitives.registry import HolderInfo, PoolSnapshot, WaiterInfo
 

@@ -180,8 +180,16 @@ class BatchBuffer:
         self._kick()
 
     # ------------------------------------------------------------------ flushing
-    def _kick(self, after_flush: bool = False) -> None:
-        """Start a flush if one is due and none runs; else arm the delay timer.
+    def _kick(self) -> None:
+        """Start a flush if one is due and none runs; else arm the delay timer."""
+        if self._task is not None:
+            return
+        batch = self._take_due()
+        if batch is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run(batch))
+
+    def _take_due(self) -> list[Entry] | None:
+        """The next batch if one is due (now in flight), else None (the timer armed).
 
         Group commit clocks itself: with ``eager`` (someone awaits each entry) an idle
         writer flushes at once, and entries that arrived during a flush go right after
@@ -190,41 +198,51 @@ class BatchBuffer:
         that long). ``max_delay`` gathers a batch only when nobody waits (buffered mode:
         bigger batches, fewer transactions).
         """
-        if self._task is not None or not self._pending:
-            return
-        loop = asyncio.get_running_loop()
+        if not self._pending:
+            return None
         due = (self.eager or self._draining or len(self._pending) >= self.batch_size
                or self.clock() - self._pending[0].since >= self.max_delay)
-        if due:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            with self._lock:
-                batch = self._pending[:self.batch_size]
-                del self._pending[:self.batch_size]
-                self._flushing = batch
-            self._task = loop.create_task(self._run(batch))
-        elif self._timer is None:
-            wait = self.max_delay - (self.clock() - self._pending[0].since)
-            self._timer = loop.call_later(max(0.0, wait), self._on_timer)
+        if not due:
+            if self._timer is None:
+                wait = self.max_delay - (self.clock() - self._pending[0].since)
+                self._timer = asyncio.get_running_loop().call_later(max(0.0, wait),
+                                                                    self._on_timer)
+            return None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._lock:
+            batch = self._pending[:self.batch_size]
+            del self._pending[:self.batch_size]
+            self._flushing = batch
+        return batch
 
     def _on_timer(self) -> None:
         self._timer = None
         self._kick()
 
     async def _run(self, batch: list[Entry]) -> None:
+        """Flush ``batch``, then every batch due after it, in this one task: a new task
+        per flush would cost its entries one more turn of a busy event loop."""
         try:
-            await self._flush_fn(batch)
-        except Exception as exc:  # noqa: BLE001 - reported, the buffer must go on
-            if self._on_error is not None:
-                self._on_error(exc, batch)
+            while True:
+                try:
+                    await self._flush_fn(batch)
+                except Exception as exc:  # noqa: BLE001 - reported, the buffer must go on
+                    if self._on_error is not None:
+                        self._on_error(exc, batch)
+                finally:
+                    self.flushes += 1
+                    with self._lock:
+                        self._flushing = []
+                    self._wake_space_waiters()
+                next_batch = self._take_due()
+                if next_batch is None:
+                    return
+                batch = next_batch
         finally:
-            self.flushes += 1
-            with self._lock:
-                self._flushing = []
             self._task = None
-            self._wake_space_waiters()
-            self._kick(after_flush=True)
+            self._kick()
 
     def _wake_space_waiters(self) -> None:
         with self._lock:
