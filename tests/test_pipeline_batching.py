@@ -236,3 +236,49 @@ def test_addon_enables_the_pipeline_only_with_a_dsn():
     assert with_dsn.get(PostgresUpsertPipeline) == 800
     assert PostgresUpsertPipeline not in pipelines({"ANTIDEADLOCK_PG_DSN": "host=127.0.0.1",
                                                     "ANTIDEADLOCK_PG_ENABLED": False})
+
+
+@deferred_f_from_coro_f
+async def test_batches_due_one_after_another_are_flushed_by_one_task():
+    """Each task the buffer starts costs its waiting entries a turn of the event loop."""
+    tasks: list[asyncio.Task | None] = []
+    release = asyncio.Event()
+
+    async def flush(batch):
+        tasks.append(asyncio.current_task())
+        await release.wait()
+        for e in batch:
+            e.future.set_result(True)
+
+    buffer = BatchBuffer("t", flush, batch_size=2, max_delay=10, capacity=100)
+    entries = [_entry(i) for i in range(5)]
+    for e in entries:  # the first goes at once, the rest queue behind it
+        buffer.add(e)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*(e.future for e in entries)), 2)
+    assert len(tasks) == 3 and len(set(tasks)) == 1  # 1 + 2 + 2 entries, one task
+    await asyncio.wait_for(buffer.drain(), 2)
+    assert buffer.task is None
+    later = _entry(9)
+    buffer.add(later)  # an idle writer starts a new task
+    await asyncio.wait_for(later.future, 2)
+    assert len(tasks) == 4 and tasks[-1] is not tasks[0]
+
+
+@deferred_f_from_coro_f
+async def test_bounded_runs_in_the_callers_task_and_times_out():
+    from scrapy_antideadlock.pipeline.support import bounded
+
+    async def which_task():
+        await asyncio.sleep(0)
+        return asyncio.current_task()
+
+    here = asyncio.current_task()
+    ran_in = await bounded(which_task(), 1.0)
+    assert ran_in is here or not hasattr(asyncio, "timeout")  # 3.10 falls back to wait_for
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await bounded(asyncio.sleep(10), 0.1)
+    assert asyncio.get_running_loop().time() - started < 2
+    if hasattr(here, "cancelling"):  # Python 3.11+: the timeout's cancel was taken back
+        assert here.cancelling() == 0
