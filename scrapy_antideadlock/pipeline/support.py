@@ -10,6 +10,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..primitives.registry import HolderInfo, PoolSnapshot, WaiterInfo
+
 _T = TypeVar("_T")
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
@@ -25,8 +27,6 @@ async def bounded(awaitable: Awaitable[_T], seconds: float) -> _T:
         return await asyncio.wait_for(awaitable, seconds)
     async with _timeout(seconds):
         return await awaitable
-
-from ..primitives.registry import HolderInfo, PoolSnapshot, WaiterInfo
 
 
 class Stats:
