@@ -424,6 +424,20 @@ def test_a_batched_push_lost_with_its_worker_is_pushed_from_its_intent(make_queu
     assert b.pop().url == "http://a/batched"
 
 
+def test_a_hard_exits_hand_back_sends_the_batched_pushes(make_queue, redis_url):
+    """A hard exit (loop blocked: the batch's timer cannot fire) hands back through
+    give_back_all: a batched push must go now, or its intent keeps every worker open."""
+    a, b = make_queue("a"), make_queue("b")
+    request = Request("http://a/batched")
+    a.intents.scheduled(request)
+    a.push(request)  # batched, not sent
+    client = redis.Redis.from_url(redis_url)
+    assert client.zcard(a.keys[0]) == 0 and client.hlen(a.keys[9]) == 1
+    a.give_back_all()
+    assert client.zcard(a.keys[0]) == 1 and client.hlen(a.keys[9]) == 0
+    assert b.pop().url == "http://a/batched"  # at once, not after the intent's deadline
+
+
 def test_a_dead_workers_intent_is_pushed_by_the_next_pop(make_queue):
     a, b = make_queue("a"), make_queue("b")
     a.intents.scheduled(Request("http://a/orphan"))  # then killed: marked seen, never pushed

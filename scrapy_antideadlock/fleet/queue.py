@@ -332,7 +332,12 @@ class ReliableQueue(Base):
                                           client=client))
 
     def give_back_all(self) -> int:
-        """Return every request still leased here to the shared queue (any thread)."""
+        """Return every request still leased here to the shared queue, after sending the
+        pushes batched here (any thread). A hard exit calls this while the loop is
+        blocked, when the batch's timer cannot fire: unsent, each of those requests would
+        keep its intent until the visibility timeout, and every worker of the fleet would
+        count it as work and stay open for it."""
+        self._send_batch()
         with self._lock:
             ids, self._leased = list(self._leased.values()), {}
         given = 0
@@ -343,7 +348,6 @@ class ReliableQueue(Base):
         return given
 
     def _spider_closed(self, spider: Any = None, reason: str = "") -> None:
-        self._send_batch()
         self._flush()
         given = self.give_back_all()
         if given:
