@@ -163,24 +163,30 @@ def test_sigkilled_worker_loses_nothing_and_its_leases_return(make_fault_proxy, 
         procs = start_workers(4, site, tmp_path, redis_url=redis_url, prefix=prefix,
                               proxies=proxies)
         try:
-            def victim() -> str | None:
+            def victim() -> tuple[str, dict] | None:
+                # `fleet status` must show what Redis holds: one worker's leased requests
+                # and proxy lease, read in the same turn (a proxy lease lasts one download,
+                # so a status read after this check may find it already released)
+                fleet = collect(client, prefix)
                 counts = leased_to(client, prefix)
                 holders = b" ".join(v for k in client.scan_iter(f"{prefix}:lease:proxy:*:o")
                                     for v in client.hvals(k))
-                return next((w for w, n in counts.items()
-                             if n >= 24 and w.encode() + b" " in holders), None)
+                for w, n in counts.items():
+                    shown = fleet["workers"].get(w, {})
+                    if n >= 24 and w.encode() + b" " in holders \
+                            and shown.get("inflight", 0) >= 20 and shown.get("leases", 0) >= 1:
+                        return w, fleet
+                return None
 
-            name = wait_for(victim, 40, "no worker held 20 requests and a proxy lease", procs)
+            name, fleet = wait_for(victim, 40, "no worker held 20 requests and a proxy lease "
+                                   "(as `fleet status` shows them)", procs)
             killed = procs[int(name[1:])]
-            fleet = collect(client, prefix)  # what `fleet status` shows
             health = json.loads(client.get(f"{prefix}:worker:{name}"))
             killed.kill(signal.SIGKILL)
             assert killed.wait(10) == -signal.SIGKILL
             killed_at = time.monotonic()
             popped = leased_to(client, prefix)[name]  # exact: nobody reclaims for 3 s
             assert popped >= 20
-            assert fleet["workers"][name]["inflight"] >= 20
-            assert fleet["workers"][name]["leases"] >= 1
             assert health["healthy"] and "loop_heartbeat_age" in health  # /healthz's JSON
             tokens = [(k, t) for k in client.scan_iter(f"{prefix}:lease:proxy:*:o")
                       for t, v in client.hgetall(k).items() if v.startswith(name.encode())]
