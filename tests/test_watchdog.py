@@ -458,3 +458,58 @@ async def test_with_the_whole_pack_uses_the_downloader_deadlines(
     # deadlines come from the downloader part's in-flight tracker
     assert all(e["deadline_in"] is not None and e["deadline_in"] < 5.0 for e in oldest)
     assert not new_monitor_threads()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tick_reads_the_download_slots_once_per_ttl_not_per_tick(
+        make_fault_site: Any, tmp_path: Any, monkeypatch: Any,
+        new_monitor_threads: Any) -> None:
+    """A broad crawl keeps a downloader slot per host: reading every slot's delay on every
+    tick made the watchdog's cost grow with the hosts. The delay still floors the window."""
+    from scrapy_antideadlock.testing import Fault
+    from scrapy_antideadlock.watchdog import probe
+
+    site = make_fault_site(pages=1, items_per_page=40)
+    site.add_fault("/item/*", Fault.slow_headers(0.6))  # 10 rounds of 4: about 6 s
+    reads: list[int] = []
+    real = probe.compat.download_slots_delay
+
+    def counting(engine: Any) -> float:
+        reads.append(len(engine.downloader.slots))
+        return real(engine)
+
+    monkeypatch.setattr(probe.compat, "download_slots_delay", counting)
+    ticks: list[float] = []
+
+    class OneSlotPerHost(SiteSpider):
+        def make_request(self, url: str, callback: Any, kind: str = "list") -> Any:
+            request = super().make_request(url, callback, kind)
+            request.meta["download_slot"] = f"host-{url.rsplit('/', 1)[-1]}"
+            return request
+
+        @classmethod
+        def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> Any:
+            spider = super().from_crawler(crawler, *args, **kwargs)
+            watchdog = watchdog_for(crawler)
+            evaluate = watchdog._evaluate
+
+            def counted() -> None:
+                ticks.append(time.monotonic())
+                evaluate()
+
+            watchdog._evaluate = counted
+            return spider
+
+    settings = wd_settings(
+        tmp_path, ANTIDEADLOCK_WATCHDOG_WINDOW=None, ANTIDEADLOCK_WATCHDOG_INTERVAL=0.02,
+        ANTIDEADLOCK_WATCHDOG_WINDOW_INITIAL=1.0, ANTIDEADLOCK_WATCHDOG_WINDOW_MIN=0.5,
+        ANTIDEADLOCK_WATCHDOG_WINDOW_BUFFER=1.0, ANTIDEADLOCK_WATCHDOG_WINDOW_MIN_SAMPLES=1000,
+        DOWNLOAD_DELAY=0.05, CONCURRENT_REQUESTS=4)
+    result = await run_crawl(OneSlotPerHost, settings, timeout=60, start_url=site.start_url)
+    assert result.finished and len(result.items) == 40
+    crawl_time = ticks[-1] - ticks[0]
+    assert crawl_time > probe.SLOT_DELAY_TTL and len(ticks) >= 100, (crawl_time, len(ticks))
+    assert max(reads) >= 20  # the slots were there to read: one per host
+    assert len(reads) <= crawl_time / probe.SLOT_DELAY_TTL + 3, (len(reads), len(ticks))
+    # The polite floor still holds: 2 x DOWNLOAD_DELAY + BUFFER over the 1 s initial window.
+    assert result.stats["antideadlock/watchdog/window"] == pytest.approx(1.1)

@@ -203,12 +203,12 @@ class Watchdog:
         self.interventions += 1
 
     # ------------------------------------------------------------------ window
-    def window(self) -> float:
+    def window(self, now: float | None = None) -> float:
         """The stall window: fixed by setting, else adaptive from request durations."""
         if self.cfg.window is not None:
             return self.cfg.window
         p99, samples = p99_of([latency_tracker(self.crawler), self.latency])
-        return stall_window(self.cfg, p99, samples, self.probe.slot_delay(),
+        return stall_window(self.cfg, p99, samples, self.probe.slot_delay(now),
                             self.probe.longest_deadline())
 
     def _drop_own_latency(self) -> None:
@@ -247,25 +247,25 @@ class Watchdog:
             # The loop was blocked (already reported): that time is not a flatline.
             self._seen_blocks = monitor.episodes
             self.meter.mark_progress(now)
-        elif late > self.window():
+        window = self.window(now)  # read once per tick: it walks the in-flight downloads
+        if late > window:
             self.meter.mark_progress(now)  # the tick itself was held up: no measurement
-        pending = self.pending()
-        window = self.window()
+        busy = self.probe.busy()
         since = self.meter.since_progress(now)
         with self._lock:
             episode = self._episode
         if episode is not None:
             # Code on the loop runs, so a blocked-loop episode is over.
             if episode["class"] == classes.BLOCKED_LOOP.name \
-                    or since < episode["since_progress"] or not pending["any"]:
+                    or since < episode["since_progress"] or not busy:
                 self._clear(episode, now)
             return
-        if not pending["any"]:
+        if not busy:
             self.meter.mark_progress(now)  # idle time is not stall time
             self.state = classes.IDLE.name
             return
         if since >= window:
-            self._detect_flatline(now, since, window, pending)
+            self._detect_flatline(now, since, window, self.pending())
         elif since >= window / 2:
             self.state = "slow"
         else:

@@ -26,6 +26,11 @@ __all__ = ["ITEM_KINDS", "Probe", "UnitsReader"]
 
 ITEM_KINDS = ("pg", "buffer")  # units of these pools are held by items, not downloads
 MAX_TASKS = 5000  # suspended tasks inspected per diagnosis (bounded time on the loop)
+#: Seconds one reading of the slots' largest download delay is reused. A broad crawl keeps
+#: a downloader slot per host (thousands), and reading every slot on every tick made the
+#: tick's cost grow with the hosts crawled. The delay only raises the stall window's floor
+#: (which is at least WATCHDOG_WINDOW_MIN, 10 s by default), so a few seconds' lag is safe.
+SLOT_DELAY_TTL = 5.0
 
 
 class Probe:
@@ -35,6 +40,8 @@ class Probe:
         self.crawler = crawler
         self._inflight_seen: dict[int, tuple[Any, float]] = {}  # id(request) -> (req, seen)
         self._transfer_started: dict[int, float] = {}
+        self._slot_delay = 0.0
+        self._slot_delay_read = float("-inf")
 
     @property
     def engine(self) -> Any:
@@ -79,8 +86,22 @@ class Probe:
         out["any"] = (not compat.spider_is_idle(engine)) or out["in_progress"] > 0
         return out
 
-    def slot_delay(self) -> float:
-        return compat.download_slots_delay(self.engine)
+    def busy(self) -> bool:
+        """Whether any work is pending (``pending()["any"]``), read cheaply for the tick:
+        Scrapy's idle test counts the scheduler's queues (one per slot in a broad crawl),
+        so it runs only when nothing is in progress."""
+        engine = self.engine
+        if engine is None:
+            return False
+        return bool(compat.engine_inprogress(engine)) or not compat.spider_is_idle(engine)
+
+    def slot_delay(self, now: float | None = None) -> float:
+        """The largest download delay of any slot, read at most every SLOT_DELAY_TTL s."""
+        now = time.monotonic() if now is None else now
+        if now - self._slot_delay_read >= SLOT_DELAY_TTL:
+            self._slot_delay = compat.download_slots_delay(self.engine)
+            self._slot_delay_read = now
+        return self._slot_delay
 
     def longest_deadline(self) -> float:
         """The longest deadline the downloader part gave a download in transfer (0 if none).
