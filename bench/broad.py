@@ -12,7 +12,7 @@ runs for sequential pairs to resolve a few percent (two sequential runs of the s
 code gave 0.94 and 1.09). ``--full`` runs sequential pairs (A B, B A, ...) instead:
 two crawls of 20 000 hosts at once would run out of loopback ports.
 
-    python -m bench.broad            # 4 000 hosts, 3 pairs (quick)
+    python -m bench.broad            # 4 000 hosts, 5 pairs (quick)
     python -m bench.broad --full     # 20 000 hosts (the target: <= 1.05x wall, <= +10 MB)
 """
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--full", action="store_true", help="20 000 hosts")
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=5)
     args = parser.parse_args()
     n = 20000 if args.full else args.requests
     if os.environ.get("BENCH_REPORT") and not args.full:

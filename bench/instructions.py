@@ -17,12 +17,15 @@ keeps it in (an upper bound). Crawls run one at a time.
 Needs ``valgrind`` (``apt-get install -y valgrind``); without it the bench says so and
 reports nothing.
 
-Plain Scrapy and the full add-on run ``--repeats`` times, alternating (plain, add-on,
-plain, add-on...): a side's count moves by about half a percent between runs, so the
-ratio is the median of the paired ratios, and every pair's is printed. Each component
-runs once, against the median add-on figure.
+Plain Scrapy and the full add-on run in rounds (plain, add-on, plain, add-on...): a
+side's count moves by about half a percent between runs, so the ratio is the median of
+the rounds' ratios, and every round's is printed. Each round also runs the add-on with
+one component off, right after that round's add-on run, and the component's share is
+the difference between the two: compared with an add-on run from another round, the
+drift between runs would count as the component's cost. So there are at least as many
+rounds as components (``--repeats`` only raises that).
 
-    python -m bench.instructions [--pages 10] [--repeats 3] [--no-components]
+    python -m bench.instructions [--pages 10] [--repeats 5] [--no-components]
 """
 
 from __future__ import annotations
@@ -106,8 +109,9 @@ def idle_rate(settings: dict[str, Any], fast_url: str, slow_url: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pages", type=int, default=10, help="listings of 100 items")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="alternating pairs of plain and the full add-on")
+    parser.add_argument("--repeats", type=int, default=len(COMPONENTS),
+                        help="rounds of plain and the full add-on (at least one per "
+                             "component unless --no-components)")
     parser.add_argument("--no-components", action="store_true",
                         help="only plain vs the full add-on")
     args = parser.parse_args()
@@ -117,8 +121,8 @@ def main() -> None:
     compile_pack()
     began = time.monotonic()
     print(load_line(), "(start)")
-    components: dict[str, dict[str, Any]] = {} if args.no_components else {
-        f"no {name}": {**ADDON_PACK, **off} for name, off in COMPONENTS.items()}
+    components = [] if args.no_components else list(COMPONENTS)
+    rounds = max(1, args.repeats, len(components))
     requests = (args.pages - 1) * 101
     with SiteProcess("--pages", "1", "--items-per-page", "1") as fast, \
             SiteProcess("--pages", "1", "--items-per-page", "1", "--latency", "8",
@@ -127,32 +131,36 @@ def main() -> None:
                 for name, settings in (("plain", {}), ("addon", dict(ADDON_PACK)))}
     print(f"periodic work while idle: plain {idle['plain'] / 1e6:.2f}, add-on "
           f"{idle['addon'] / 1e6:.2f} M instructions/s", flush=True)
+    shares: dict[str, float] = {}
     with SiteProcess("--pages", "1", "--items-per-page", "100") as small, \
             SiteProcess("--pages", str(args.pages), "--items-per-page", "100") as big:
         pairs = []
-        for rnd in range(max(1, args.repeats)):
-            print(f"pair {rnd + 1}:", flush=True)
-            pairs.append(per_request({"plain": {}, "addon": dict(ADDON_PACK)},
-                                     small.start_url, big.start_url, requests, idle))
-        per = per_request(components, small.start_url, big.start_url, requests, idle)
+        for rnd in range(rounds):
+            print(f"round {rnd + 1}:", flush=True)
+            sides: dict[str, dict[str, Any]] = {"plain": {}, "addon": dict(ADDON_PACK)}
+            component = components[rnd] if rnd < len(components) else None
+            if component is not None:
+                sides[f"no {component}"] = {**ADDON_PACK, **COMPONENTS[component]}
+            got = per_request(sides, small.start_url, big.start_url, requests, idle)
+            pairs.append(got)
+            if component is not None:
+                shares[component] = (got["addon"][1] - got[f"no {component}"][1]) \
+                    / got["plain"][1]
     print(load_line(), f"(end, {time.monotonic() - began:.0f}s)")
     ratios = [p["addon"][1] / p["plain"][1] for p in pairs]
     ratios_all = [p["addon"][0] / p["plain"][0] for p in pairs]
-    print("pair ratios:", ", ".join(f"{r:.3f}" for r in ratios))
-    plain = statistics.median(p["plain"][1] for p in pairs)
-    addon = statistics.median(p["addon"][1] for p in pairs)
+    print("round ratios:", ", ".join(f"{r:.3f}" for r in ratios))
     print(f"RESULT instructions.ratio {statistics.median(ratios):.3f} ratio # instructions "
           f"per request, full add-on / plain, {requests} local pages under valgrind, "
           f"periodic work (timers, the monitor thread) taken out, median of {len(pairs)} "
-          f"alternating pairs ({min(ratios):.3f}-{max(ratios):.3f}); target <= 1.03")
+          f"alternating rounds ({min(ratios):.3f}-{max(ratios):.3f}); target <= 1.03")
     print(f"RESULT instructions.ratio_all {statistics.median(ratios_all):.3f} ratio # the "
           "same with periodic work in, at valgrind's ~5x slower pace (an upper bound)")
-    for name in COMPONENTS:
-        if f"no {name}" in per:
-            share = (addon - per[f"no {name}"][1]) / plain
-            print(f"RESULT instructions.{name}_share {share * 100:.2f} % # instructions per "
-                  f"request the {name} adds (full add-on minus the add-on without it, "
-                  "periodic work out), share of plain Scrapy's")
+    for name, share in shares.items():
+        print(f"RESULT instructions.{name}_share {share * 100:.2f} % # instructions per "
+              f"request the {name} adds (the add-on minus the add-on without it, run "
+              "right after it in the same round, periodic work out), share of plain "
+              "Scrapy's (one round: +-0.5 % between runs)")
     print(f"RESULT instructions.idle_mips {(idle['addon'] - idle['plain']) / 1e6:.2f} "
           "Minstr/s # periodic work the add-on adds while a crawl only waits (plain "
           f"Scrapy's own: {idle['plain'] / 1e6:.2f})")
