@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 
 from scrapy_antideadlock.testing.proxy import MODES, FaultProxy
 from scrapy_antideadlock.testing.site import Fault, FaultSite, Latency
@@ -85,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(site.expected_keys())} reachable)", flush=True)
     if proxy is not None:
         print(f"fault proxy: {proxy.url} mode={proxy.mode}", flush=True)
+    # Never an endless wait: the kernel may hand SIGTERM to a server thread, and then the
+    # Python handler runs only when the main thread next runs (it once never did).
+    tick = min(args.stats_every, 0.5) if args.stats_every else 0.5
+    next_stats = time.monotonic() + args.stats_every if args.stats_every else None
     try:
-        while not stop.wait(args.stats_every or None):
+        while not stop.wait(tick):
+            if next_stats is None or time.monotonic() < next_stats:
+                continue
+            next_stats += args.stats_every
             print(f"requests={site.total_requests} open={site.open_connections} "
                   f"hanging={site.hanging} faults={dict(site.faults_served)}", flush=True)
     finally:
