@@ -84,7 +84,8 @@ def test_round_trips_per_request_of_a_fleet_with_duplicate_start_requests(
     stored = [item["key"] for proc in procs for item in proc.items()]
     assert sorted(set(stored)) == site.expected_keys() == sorted(stored)
     trips = sum(json.loads((tmp_path / f"w{i}.count").read_text()) for i in range(WORKERS))
-    responses = sum(proc.stats()["response_received_count"] for proc in procs)
+    # a worker the others left no request to has no such stat
+    responses = sum(proc.stats().get("response_received_count", 0) for proc in procs)
     assert responses == ITEMS
     # 3 workers: 3 intents + 1 mark + pop (the push with it) + ack = 6, + races, polls,
     # heartbeats and start-up: 6.5-7.5 measured; 9.4-10 before duplicates skipped the
