@@ -30,6 +30,8 @@ from .. import stats as ad_stats
 from ..identity import describe
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from scrapy import Request
     from scrapy.http import Response
 
@@ -65,14 +67,21 @@ def runs_inline(handler: Any) -> bool:
     return found
 
 
-async def transfer(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
-                   request: Request) -> Response:
+def transfer(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
+             request: Request) -> Coroutine[Any, Any, Response]:
     """``handler.download_request(request)``; raises ``entry.cancel_exc`` when woken by a
-    cancel or the deadline, starts a hedge when the guard asks for one."""
+    cancel or the deadline, starts a hedge when the guard asks for one. (A plain function
+    returning the coroutine to await: no coroutine of its own per download.)"""
     if runs_inline(handler):
         task = asyncio.current_task()
         if task is not None:
-            return await inline(guard, entry, handler, request, task)
+            return inline(guard, entry, handler, request, task)
+    return _in_tasks(guard, entry, handler, request)
+
+
+async def _in_tasks(guard: DownloadGuard, entry: InFlightDownload, handler: Any,
+                    request: Request) -> Response:
+    """The transfer in a task of ours (a handler that may not unwind at once on cancel)."""
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(handler.download_request(request))]
 

@@ -16,11 +16,12 @@ from scrapy import Request
 
 from .. import metakeys
 
-__all__ = ["decode_payload", "encode_payload", "pickle_unjsonable", "to_dict"]
+__all__ = ["decode_payload", "encode_payload", "pickle_unjsonable", "snapshot", "to_dict"]
 
 # Meta that means nothing in another process: absolute monotonic deadlines, live objects,
 # owner ids (made of the pid, which a restarted container reuses).
-_DROP_META = (*metakeys.PROCESS_LOCAL, "download_latency", "download_slot", "playwright_page")
+_DROP_META = frozenset((*metakeys.PROCESS_LOCAL, "download_latency", "download_slot",
+                        "playwright_page"))
 _SECRET_HEADERS = (b"Proxy-Authorization", b"Authorization")
 _PICKLED = "$pickle"
 #: Attributes ``to_dict`` returns as the request's own (mutable) objects, besides meta.
@@ -32,6 +33,64 @@ _DEFAULTS: dict[str, Any] = {
     "errback": None, "headers": {}, "body": "", "cookies": {}, "meta": {}, "encoding": "utf-8",
     "flags": [], "cb_kwargs": {}, "dont_filter": False, "method": "GET", "priority": 0}
 _KEEP = object()
+_UNKNOWN = object()
+
+
+def snapshot(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, Any]:
+    """``encode_payload(to_dict(request, spider, names))``: the same payload, built in
+    one pass for a plain ``Request`` whose callbacks are known spider methods (nearly
+    every request of a crawl; the journal takes one per request scheduled)."""
+    if type(request) is not Request:
+        return encode_payload(to_dict(request, spider, names))
+    callback = _known_name(request.callback, spider, names)
+    errback = _known_name(request.errback, spider, names)
+    if callback is _UNKNOWN or errback is _UNKNOWN:
+        return encode_payload(to_dict(request, spider, names))
+    data: dict[str, Any] = {"url": request.url, "callback": callback}
+    if errback is not None:
+        data["errback"] = errback
+    headers = request.headers
+    if headers:
+        encoded = _headers(dict(headers))
+        if encoded:
+            data["headers"] = encoded
+    body = request.body
+    if body:
+        data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()}
+    cookies = request.cookies
+    if cookies != {}:
+        data["cookies"] = cookies.copy() if cookies and isinstance(cookies, dict | list) \
+            else cookies
+    meta = request.meta
+    if meta:
+        meta = {key: value for key, value in meta.items() if key not in _DROP_META}
+        if meta:
+            data["meta"] = meta
+    if request.encoding != "utf-8":
+        data["encoding"] = request.encoding
+    flags = request.flags
+    if flags != []:
+        data["flags"] = flags.copy() if flags and isinstance(flags, list) else flags
+    cb_kwargs = request.cb_kwargs
+    if cb_kwargs:
+        data["cb_kwargs"] = cb_kwargs.copy() if isinstance(cb_kwargs, dict) else cb_kwargs
+    if request.dont_filter:
+        data["dont_filter"] = request.dont_filter
+    if request.method != "GET":
+        data["method"] = request.method
+    if request.priority:
+        data["priority"] = request.priority
+    return data
+
+
+def _known_name(func: Any, spider: Any, names: dict[Any, Any]) -> Any:
+    """The journaled name of a callback: as is if not callable, the remembered name of a
+    spider method, else _UNKNOWN (``to_dict`` finds it, or raises)."""
+    if not callable(func):
+        return func
+    if getattr(func, "__self__", None) is not spider:
+        return _UNKNOWN
+    return names.get(getattr(func, "__func__", None), _UNKNOWN)
 
 
 def to_dict(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, Any]:
@@ -83,14 +142,11 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
         value = data.get(name)
         if value:
             data[name] = value.copy() if isinstance(value, dict | list) else value
-    for name in _DROP_META:
-        meta.pop(name, None)
+    for name in _DROP_META & meta.keys():
+        del meta[name]
     headers = data.get("headers")
     if headers:
-        data["headers"] = {
-            _text(k): [_text(v) for v in values]
-            for k, values in headers.items()
-            if (k if isinstance(k, bytes) else str(k).encode()).title() not in _SECRET_HEADERS}
+        data["headers"] = _headers(headers)
     body = data.get("body")
     if isinstance(body, bytes):
         data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
@@ -120,6 +176,12 @@ def decode_payload(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data["body"], str):
         data["body"] = data["body"].encode()
     return data
+
+
+def _headers(headers: dict[Any, Any]) -> dict[str, list[str]]:
+    """Headers as text, without the secret ones."""
+    return {_text(k): [_text(v) for v in values] for k, values in headers.items()
+            if (k if isinstance(k, bytes) else str(k).encode()).title() not in _SECRET_HEADERS}
 
 
 def _jsonable(value: Any) -> Any:

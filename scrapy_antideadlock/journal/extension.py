@@ -40,7 +40,7 @@ from ..primitives.deadletter import DeadLetterStore
 from ..primitives.journal import Journal, JournalLocked
 from ..reactor import require_asyncio_reactor
 from ..timers import Timer, every, later
-from .codec import decode_payload, encode_payload, pickle_unjsonable, to_dict
+from .codec import decode_payload, pickle_unjsonable, snapshot
 from .location import is_default_dir, jobdir_has_queue, journal_dir, set_jobdir_aside
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,9 @@ class RequestJournal:
         self._ticker: Any = None
         self._compactions = 0
         self._checked_origin = False
-        self._method_names: dict[Any, Any] = {}  # spider function -> method name (codec.to_dict)
+        self._method_names: dict[Any, Any] = {}  # spider function -> method name (codec)
         self._flush_timer: Timer | None = None  # ends the current flush window
+        self._fingerprint: Any = None  # the crawler's fingerprinter's method
         self._fsync_job: Any = None  # the periodic fsync on the loop monitor's thread
         # Counted here and added to the stats once a tick and at the close: a stats call
         # per request costs more than the count itself.
@@ -213,7 +214,10 @@ class RequestJournal:
         meta = request.meta
         meta.pop(KEEP_PENDING, None)
         key = meta.get(JOURNAL_KEY)
-        fp = self.crawler.request_fingerprinter.fingerprint(request).hex()
+        fingerprint = self._fingerprint
+        if fingerprint is None:
+            fingerprint = self._fingerprint = self.crawler.request_fingerprinter.fingerprint
+        fp = fingerprint(request).hex()
         if key is None:
             if self._prev_seen and not request.dont_filter and fp in self._prev_seen:
                 self.stats.inc_value(ad_stats.JOURNAL_SKIPPED_SEEN)
@@ -223,8 +227,8 @@ class RequestJournal:
         self._owner[key] = token
         self._reached.discard(key)
         try:  # a snapshot: JSON-encoded at the flush, after middlewares changed the request
-            payload, url, error = encode_payload(
-                to_dict(request, self.crawler.spider, self._method_names)), "", ""
+            payload, url, error = snapshot(
+                request, self.crawler.spider, self._method_names), "", ""
         except Exception as exc:
             payload, url, error = None, self._unserialisable(request.url, exc), _error(exc)
         self.journal.scheduled(key, fp, payload, url=url, error=error)

@@ -223,17 +223,18 @@ class LifecycleSpiderMiddleware:
         unit = self.tracker.get("callback", request)
         handle, owner = self._origin_handle(response)
         iterator = result.__aiter__()
+        task = asyncio.current_task()  # the task that iterates the output (Scrapy's: one)
         try:
             while True:
                 if unit is not None:
-                    unit.task, unit.awaiting = asyncio.current_task(), True
+                    unit.task, unit.awaiting = task, True
                 try:
                     element = await iterator.__anext__()
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    if unit is None or unit.preempted is None \
-                            or not _absorb_cancel(asyncio.current_task()):
+                    if unit is None or unit.preempted is None or task is None \
+                            or not _absorb_cancel(task):
                         raise
                     copy = self.tracker.resolve(request, unit.preempted)
                     if copy is not None:

@@ -83,7 +83,7 @@ class Probe:
         out["downloading"] = len(compat.downloader_active(engine))
         out["scraping"] = len(compat.scraper_active(engine))
         out["scheduled"] = compat.scheduled_count(engine)
-        out["any"] = (not compat.spider_is_idle(engine)) or out["in_progress"] > 0
+        out["any"] = self.busy()
         return out
 
     def busy(self) -> bool:
