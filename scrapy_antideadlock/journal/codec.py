@@ -56,7 +56,7 @@ def snapshot(request: Request, spider: Any, names: dict[Any, Any]) -> dict[str, 
             data["headers"] = encoded
     body = request.body
     if body:
-        data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()}
+        data["body"] = _pickled(body)
     cookies = request.cookies
     if cookies != {}:
         data["cookies"] = cookies.copy() if cookies and isinstance(cookies, dict | list) \
@@ -149,7 +149,7 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
         data["headers"] = _headers(headers)
     body = data.get("body")
     if isinstance(body, bytes):
-        data["body"] = {_PICKLED: base64.b64encode(pickle.dumps(body)).decode()} if body else ""
+        data["body"] = _pickled(body) if body else ""
     if "_class" in data:  # a subclass's constructor may treat a missing argument its own way
         return data
     return {name: value for name, value in data.items() if value != _DEFAULTS.get(name, _KEEP)}
@@ -189,7 +189,12 @@ def _jsonable(value: Any) -> Any:
         json.dumps(value)
         return value
     except (TypeError, ValueError):
-        return {_PICKLED: base64.b64encode(pickle.dumps(value)).decode()}
+        return _pickled(value)
+
+
+def _pickled(value: Any) -> dict[str, str]:
+    """``value`` as JSON can hold it (read back by ``_restore``)."""
+    return {_PICKLED: base64.b64encode(pickle.dumps(value)).decode()}
 
 
 def _restore(value: Any) -> Any:

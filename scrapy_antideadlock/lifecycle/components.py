@@ -233,8 +233,7 @@ class LifecycleSpiderMiddleware:
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    if unit is None or unit.preempted is None or task is None \
-                            or not _absorb_cancel(task):
+                    if unit is None or unit.preempted is None or not _absorb_cancel(task):
                         raise
                     copy = self.tracker.resolve(request, unit.preempted)
                     if copy is not None:
